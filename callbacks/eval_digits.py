@@ -1,0 +1,64 @@
+"""Digits-world evaluation during training: prompt accuracy and Fréchet distance, logged as `val/*`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+import lightning as L
+import torch
+
+from callbacks.ema import ema_weights
+from callbacks.sample_images import run_dir
+from models.export import make_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class DigitsEval(L.Callback):
+    def __init__(self, every_n_steps: int = 0, guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0, 5.0),
+                 n_per_digit: int = 20, num_inference_steps: int = 25, seed: int = 1234, use_ema: bool = True):
+        self.every = every_n_steps
+        self.guidance_scales = tuple(guidance_scales)
+        self.n_per_digit = n_per_digit
+        self.steps = num_inference_steps
+        self.seed = seed
+        self.use_ema = use_ema
+        self.last_metrics: dict[str, float] = {}
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step != self._last:
+            self.evaluate(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_step != self._last:
+            self.evaluate(trainer, module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, module) -> dict[str, float]:
+        from train.evaluate import evaluate_digits
+
+        self._last = trainer.global_step
+        if not trainer.is_global_zero:
+            return {}
+        was_training = module.training
+        module.eval()
+        try:
+            with ema_weights(trainer, module) if self.use_ema else contextlib.nullcontext():
+                metrics = evaluate_digits(make_pipeline(module.components), guidance_scales=self.guidance_scales,
+                                          n_per_digit=self.n_per_digit, steps=self.steps, seed=self.seed)
+        finally:
+            module.train(was_training)
+        metrics["trainer/global_step"] = float(trainer.global_step)
+        for lg in trainer.loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=trainer.global_step)
+        path = run_dir(trainer) / "eval" / f"digits_step_{trainer.global_step:06d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2))
+        log.info("digits eval at step %d: prompt accuracy %.3f (guidance %g), Fréchet %.2f -> %s",
+                 trainer.global_step, metrics["val/prompt_accuracy"], metrics["val/best_guidance"],
+                 metrics["val/frechet"], path)
+        self.last_metrics = metrics
+        return metrics

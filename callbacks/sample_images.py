@@ -1,0 +1,72 @@
+"""Sample grids for fixed prompts and seeds every N steps: PNG in the run directory and the logger's images."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+
+from callbacks.ema import ema_weights
+from models.export import make_pipeline
+from models.pipeline import to_uint8_grid
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+class SampleImages(L.Callback):
+    def __init__(self, prompts: list[str], every_n_steps: int = 500, seeds: list[int] | tuple[int, ...] = (0, 1),
+                 num_inference_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim",
+                 use_ema: bool = True):
+        self.prompts = list(prompts)
+        self.every = every_n_steps
+        self.seeds = list(seeds)
+        self.steps = num_inference_steps
+        self.guidance = guidance_scale
+        self.sampler = sampler
+        self.use_ema = use_ema
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step != self._last:
+            self.sample(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_step != self._last:
+            self.sample(trainer, module)
+
+    @torch.no_grad()
+    def sample(self, trainer, module) -> Path | None:
+        self._last = trainer.global_step
+        if not trainer.is_global_zero:  # images are made and logged once, on rank 0
+            return None
+        prompts = [p for p in self.prompts for _ in self.seeds]
+        gens = [torch.Generator().manual_seed(s) for _ in self.prompts for s in self.seeds]
+        was_training = module.training
+        module.eval()
+        try:
+            ctx = ema_weights(trainer, module) if self.use_ema else contextlib.nullcontext()
+            with ctx:
+                pipe = make_pipeline(module.components, self.sampler)
+                pipe.set_progress_bar_config(disable=False, desc=f"sampling step {trainer.global_step}", leave=False)
+                images = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                              generator=gens, output_type="np").images
+        finally:
+            module.train(was_training)
+        grid = Image.fromarray(to_uint8_grid(images, nrow=len(self.seeds) * max(1, len(self.prompts) // 2)))
+        path = run_dir(trainer) / "samples" / f"step_{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        for lg in trainer.loggers:
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="samples", images=[grid], step=trainer.global_step,
+                             caption=[f"step {trainer.global_step}, guidance {self.guidance}"])
+        log.info("sample grid: %s", path)
+        return path

@@ -1,0 +1,76 @@
+"""The batch contract shared by every data source, method and callback.
+
+A batch is a plain dict so that Lightning can move it between devices and so
+that methods can add keys (DreamBooth prior images, DPO losers) without a new
+class. Skip counts ride inside batches because DataLoader workers are separate
+processes: the LightningModule sums ``batch["skipped"]`` and logs
+``data/skipped`` and ``data/skipped/<reason>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+# Why a sample was dropped. Order is the order of the pipeline stages.
+SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small")
+
+BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
+
+
+def empty_skips() -> dict[str, int]:
+    """A zeroed skip counter with every reason present, so sums never miss a key."""
+    return {reason: 0 for reason in SKIP_REASONS}
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids exactly as the text encoder was trained to see them: padded to max length."""
+    ids = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(torch.int64)
+
+
+def collate(
+    samples: Sequence[Mapping[str, Any]],
+    skipped: Mapping[str, int] | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Stack decoded samples into the batch contract.
+
+    Each sample holds ``pixels`` ([3,H,W] float in [-1,1]), ``caption`` (after
+    dropout), ``key`` and ``meta``. Captions are tokenized per batch (one fast
+    tokenizer call instead of B) when ``tokenizer`` is given; otherwise every
+    sample must already carry ``input_ids``.
+    """
+    if not samples:
+        raise ValueError("collate: got an empty list of samples")
+    captions = [str(s["caption"]) for s in samples]
+    if tokenizer is not None:
+        input_ids = tokenize(tokenizer, captions)
+    elif all("input_ids" in s for s in samples):
+        input_ids = torch.stack([torch.as_tensor(s["input_ids"], dtype=torch.int64) for s in samples])
+    else:
+        raise ValueError("collate: pass a tokenizer or give every sample 'input_ids'")
+    counts = empty_skips()
+    for reason, n in (skipped or {}).items():
+        counts[reason] = counts.get(reason, 0) + int(n)
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]).to(torch.float32),
+        "input_ids": input_ids,
+        "captions": captions,
+        "keys": [str(s["key"]) for s in samples],
+        "meta": [dict(s.get("meta") or {}) for s in samples],
+        "skipped": counts,
+    }
+
+
+def total_skipped(batch: Mapping[str, Any]) -> int:
+    """Number of samples the producing worker dropped since its previous batch."""
+    return int(sum((batch.get("skipped") or {}).values()))

@@ -1,0 +1,160 @@
+"""The LightningDataModule every text-to-image run uses.
+
+Its constructor takes plain values because Hydra builds it straight from
+``conf/data/*.yaml``; the tokenizer belongs to the model, so it arrives later
+through :meth:`ShardDataModule.set_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from data.digits import ensure_digits_shards
+from data.webdataset import StreamLoader, build_stream, expand_urls, rank_and_world
+
+log = logging.getLogger(__name__)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams WebDataset shards; with ``urls=None`` it trains on the built-in digits world."""
+
+    def __init__(
+        self,
+        urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        resolution: int = 16,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        steps_per_epoch: int | None = 500,
+        caption_dropout: float = 0.1,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+        min_size: int = 0,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.urls = _plain(urls)
+        self.val_urls = _plain(val_urls)
+        self.resolution = int(resolution)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.resampled = bool(resampled)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.caption_dropout = float(caption_dropout)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.seed = int(seed)
+        self.min_size = int(min_size)
+        self.persistent_workers = bool(persistent_workers)
+        self.tokenizer: Any = None
+        self.train_urls: list[str] | None = None
+        self.val_url_list: list[str] | None = None
+        self._epoch = 0
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Give the data the model's tokenizer (must happen before ``setup``)."""
+        self.tokenizer = tokenizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used when no trainer is attached; with a trainer, ``trainer.current_epoch`` wins."""
+        self._epoch = int(epoch)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve URLs now so a wrong path fails in one line before any heavy work."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "ShardDataModule: no tokenizer; call datamodule.set_tokenizer(model tokenizer) before setup()"
+            )
+        if self.train_urls is None:
+            self.train_urls = expand_urls(self.urls if self.urls is not None else ensure_digits_shards(self.resolution))
+        if self.val_urls is not None and self.val_url_list is None:
+            self.val_url_list = expand_urls(self.val_urls)
+        if not self.resampled:
+            _, world = rank_and_world()
+            readers = world * max(1, self.num_workers)
+            if len(self.train_urls) < readers:
+                log.warning(
+                    "data: %d shard(s) for %d rank(s) x %d worker(s): some get no data; "
+                    "set data.resampled=true or write more shards", len(self.train_urls), world, self.num_workers,
+                )
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else self._epoch
+
+    def _loader(self, stream: Any) -> DataLoader:
+        return StreamLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_urls is None:
+            self.setup("fit")
+        assert self.train_urls is not None
+        stream = build_stream(
+            self.train_urls,
+            tokenizer=self.tokenizer,
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            caption_dropout=self.caption_dropout,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self.seed,
+            min_size=self.min_size,
+            epoch=self._current_epoch(),
+        )
+        return self._loader(stream)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """One deterministic pass over ``val_urls`` (no dropout, no flip); none without them."""
+        if self.val_urls is None:
+            return []
+        if self.val_url_list is None:
+            self.setup("validate")
+        assert self.val_url_list is not None
+        stream = build_stream(
+            self.val_url_list,
+            tokenizer=self.tokenizer,
+            resolution=self.resolution,
+            batch_size=self.batch_size,
+            caption_dropout=0.0,
+            center_crop=True,
+            random_flip=False,
+            shuffle_buffer=0,
+            resampled=False,
+            steps_per_epoch=None,
+            seed=self.seed,
+            min_size=self.min_size,
+        )
+        return self._loader(stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Enough to check a resume uses the same stream; exact mid-epoch resume is future work."""
+        return {"seed": self.seed, "epoch": self._current_epoch()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch = int(state_dict.get("epoch", self._epoch))
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            log.warning("data: resuming with seed %s, checkpoint used %s", self.seed, state_dict["seed"])
+
+
+def _plain(urls: Any) -> str | list[str] | None:
+    """Hydra hands ListConfig; keep only plain str/list so pickling to workers stays cheap."""
+    if urls is None or isinstance(urls, str):
+        return urls
+    return [str(u) for u in urls]

@@ -1,0 +1,346 @@
+"""Streaming batches from WebDataset shards, reproducibly and without crashing.
+
+Three properties matter more than speed here:
+- *Equal length under DDP.* With ``resampled=True`` shards are drawn with
+  replacement and ``with_epoch`` cuts every rank to exactly
+  ``steps_per_epoch`` batches, so no rank waits forever in a collective.
+- *Reproducible streams.* Every random choice (shard draws, shuffle buffer,
+  crops, flips, caption dropout) comes from an RNG seeded by
+  (seed, epoch, rank, worker); webdataset's default seeds mix in the pid and
+  the clock, so they are never used.
+- *Bad data never kills a run.* Tar read errors, undecodable images and bad
+  captions are counted by reason (``data.batch.SKIP_REASONS``), warned about
+  once per reason per worker, and shipped to the trainer inside the batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import shlex
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.batch import collate, empty_skips
+from data.transforms import BadSample, ImageTransform, decode_caption, drop_caption, load_image
+
+log = logging.getLogger(__name__)
+
+BUILD_HINT = "Build shards with 'foundry-shards digits' or 'foundry-shards folder DIR --out OUT', or fix the path."
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
+# After this many bad samples in a row the data, not a sample, is broken: fail loudly instead of spinning.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard URLs from what a user wrote in ``data.urls``.
+
+    Brace patterns and ``::`` lists expand as in webdataset; local globs and
+    directories expand to sorted ``.tar`` files; ``s3://`` and ``http(s)://``
+    become ``pipe:`` commands; ``pipe:`` URLs pass through. Local paths are
+    checked now so a typo fails in one line before any heavy work.
+    """
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [str(urls)]
+    result: list[str] = []
+    for entry in list(urls):
+        for url in wds.shardlists.expand_urls(str(entry)):
+            result.extend(_expand_one(url.strip()))
+    if not result:
+        raise ValueError(f"data.urls is empty. {BUILD_HINT}")
+    return result
+
+
+def _expand_one(url: str) -> list[str]:
+    if url.startswith("pipe:"):
+        return [url]
+    if url.startswith("s3://"):
+        return [f"pipe:aws s3 cp {shlex.quote(url)} -"]
+    if url.startswith(("http://", "https://")):
+        return [f"pipe:curl -s -L {shlex.quote(url)}"]
+    path = os.path.expanduser(url.removeprefix("file:"))
+    if glob.has_magic(path):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"data.urls: no shard at '{path}'. {BUILD_HINT}")
+        return found
+    if os.path.isdir(path):
+        found = sorted(str(p) for p in Path(path).glob("*.tar"))
+        if not found:
+            raise FileNotFoundError(f"data.urls: no .tar shards in directory '{path}'. {BUILD_HINT}")
+        return found
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.urls: no shard at '{path}'. {BUILD_HINT}")
+    return [path]
+
+
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): explicit values, else torch.distributed, else env RANK/WORLD_SIZE."""
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from parts (str seeding hashes with sha512, unlike ``hash()``)."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+def batches_for_worker(steps: int, worker: int, num_workers: int) -> int:
+    """This worker's share of ``steps``; the first ``steps % num_workers`` workers take one more."""
+    return steps // num_workers + (1 if worker < steps % num_workers else 0)
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and warns once per reason per worker process copy."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.counts = empty_skips()
+        self.warned: set[str] = set()
+        self.consecutive = 0
+
+    def add(self, reason: str, exn: BaseException | None = None) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.consecutive += 1
+        if reason not in self.warned:
+            self.warned.add(reason)
+            detail = f"{type(exn).__name__}: {exn}" if exn is not None else ""
+            log.warning("data: skipping sample (%s) in %s: %s [warned once per reason]", reason, self.where, detail)
+        if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(
+                f"data: {self.consecutive} bad samples in a row in {self.where} ({self.counts}); "
+                "the shards look unreadable: check data.urls and the shard files"
+            )
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, empty_skips()
+        return counts
+
+    def read_handler(self, exn: Exception) -> bool:
+        """webdataset handler (exception -> keep going?) for tar/url errors."""
+        self.add("read", exn)
+        return True
+
+    def sample_handler(self, exn: Exception) -> bool:
+        """webdataset handler for per-sample decode errors; unexpected errors count as decode."""
+        self.add(exn.reason if isinstance(exn, BadSample) else "decode", exn)
+        return True
+
+
+def _parse_meta(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        meta = json.loads(value)
+    except (ValueError, TypeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches; batching happens here, so the DataLoader uses ``batch_size=None``.
+
+    The webdataset pipeline is rebuilt on every ``__iter__`` with seeds from
+    (seed, epoch, rank, worker). The epoch advances by one per ``__iter__`` in
+    whichever process copy runs it, and :class:`StreamLoader` advances the main
+    copy when workers are re-created each epoch, so epoch e is the same stream
+    with persistent workers, fresh workers or no workers.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        tokenizer: Any,
+        resolution: int,
+        batch_size: int,
+        caption_dropout: float,
+        center_crop: bool,
+        random_flip: bool,
+        shuffle_buffer: int,
+        resampled: bool,
+        steps_per_epoch: int | None,
+        seed: int,
+        image_keys: Sequence[str],
+        caption_key: str,
+        min_size: int,
+        rank: int,
+        world_size: int,
+        epoch: int = 0,
+        allow_missing_caption: bool = False,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.caption_dropout = float(caption_dropout)
+        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, min_size=min_size)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.resampled = resampled
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = int(seed)
+        self.image_keys = tuple(image_keys)
+        self.caption_key = caption_key
+        self.allow_missing_caption = allow_missing_caption
+        self.rank, self.world_size = rank, world_size
+        self.next_epoch = int(epoch)
+        self._counter: SkipCounter | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``__iter__`` produce epoch ``epoch`` (e.g. after a resume)."""
+        self.next_epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            raise TypeError("ShardStream has no length without steps_per_epoch")
+        return int(self.steps_per_epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
+        if self._counter is None:  # one per process copy: leftover counts flow into the next epoch's first batch
+            self._counter = SkipCounter(f"rank {self.rank} worker {worker}")
+        counter = self._counter
+        counter.consecutive = 0
+        n_batches = None
+        if self.steps_per_epoch is not None:
+            n_batches = batches_for_worker(int(self.steps_per_epoch), worker, num_workers)
+            if n_batches == 0:  # with_epoch(0) would mean "no limit" in webdataset
+                return iter(())
+        pipeline = self._pipeline(epoch, worker, num_workers, counter)
+        if n_batches is not None:
+            pipeline = pipeline.with_epoch(nbatches=n_batches)
+        return iter(pipeline)
+
+    def _pipeline(self, epoch: int, worker: int, num_workers: int, counter: SkipCounter) -> wds.DataPipeline:
+        where = (self.seed, epoch, self.rank, worker)
+        if self.resampled:
+            # deterministic=True and a constant worker_seed: the seed we pass is the whole seed.
+            shards: list[Any] = [
+                wds.ResampledShards(self.urls, seed=derive_seed(*where, "shards"), worker_seed=lambda: 0,
+                                    deterministic=True)
+            ]
+        else:
+            urls = list(self.urls)
+            if self.shuffle_buffer > 1:  # same order on every rank (seed, epoch) so the split stays disjoint
+                random.Random(derive_seed(self.seed, epoch, "shard-order")).shuffle(urls)
+            if len(urls) < self.world_size * num_workers and self.rank == 0 and worker == 0:
+                log.warning(
+                    "data: %d shard(s) for %d rank(s) x %d worker(s): some ranks/workers get no data "
+                    "(use resampled=true or write more shards)", len(urls), self.world_size, num_workers,
+                )
+            shards = [wds.SimpleShardList(urls), partial(_split_by_rank, rank=self.rank, world=self.world_size),
+                      wds.split_by_worker]
+        stages = [*shards, wds.tarfile_to_samples(handler=counter.read_handler)]
+        if self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(*where, "shuffle"))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+        aug_rng = random.Random(derive_seed(*where, "augment"))
+        drop_rng = random.Random(derive_seed(*where, "dropout"))
+        decode = partial(self._decode, counter=counter, aug_rng=aug_rng, drop_rng=drop_rng)
+        stages.append(wds.map(decode, handler=counter.sample_handler))
+        collate_fn = lambda samples: collate(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
+        stages.append(wds.batched(self.batch_size, collation_fn=collate_fn, partial=self.steps_per_epoch is None))
+        return wds.DataPipeline(*stages)
+
+    def _decode(
+        self, sample: dict[str, Any], *, counter: SkipCounter, aug_rng: random.Random, drop_rng: random.Random
+    ) -> dict[str, Any]:
+        """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler)."""
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        if image_key is None:
+            raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+        caption = decode_caption(sample.get(self.caption_key), allow_missing=self.allow_missing_caption)
+        pixels = self.transform(load_image(sample[image_key]), aug_rng)
+        counter.ok()
+        return {
+            "pixels": pixels,
+            "caption": drop_caption(caption, self.caption_dropout, drop_rng),
+            "key": f"{sample.get('__url__', '')}/{sample['__key__']}",
+            "meta": _parse_meta(sample.get("json")),
+        }
+
+
+def _split_by_rank(src: Iterator[Any], rank: int, world: int) -> Iterator[Any]:
+    """Like wds.split_by_node, but with the rank resolved in the main process (workers may not see it)."""
+    for i, item in enumerate(src):
+        if i % world == rank:
+            yield item
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader that advances the stream's epoch when workers are re-created each epoch.
+
+    With fresh workers every epoch, each gets a copy of the main-process stream,
+    whose epoch never advances on its own; persistent workers and
+    ``num_workers=0`` advance their own copies.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        iterator = super().__iter__()
+        if self.num_workers > 0 and not self.persistent_workers and isinstance(self.dataset, ShardStream):
+            self.dataset.next_epoch += 1
+        return iterator
+
+
+def build_stream(
+    urls: str | Sequence[str],
+    *,
+    tokenizer: Any,
+    resolution: int,
+    batch_size: int,
+    caption_dropout: float = 0.1,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    shuffle_buffer: int = 1000,
+    resampled: bool = True,
+    steps_per_epoch: int | None = None,
+    seed: int = 0,
+    image_keys: Sequence[str] = IMAGE_KEYS,
+    caption_key: str = "txt",
+    min_size: int = 0,
+    epoch: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    allow_missing_caption: bool = False,
+) -> ShardStream:
+    """A stream of collated batches from shards (see the module docstring).
+
+    ``urls`` is what the user configured; URLs are never taken from the data.
+    Rank and world size are resolved here, in the main process, because
+    DataLoader workers may not see the process group.
+    """
+    if tokenizer is None:
+        raise ValueError("build_stream: tokenizer is None; the tokenizer comes from the model")
+    if batch_size <= 0:
+        raise ValueError(f"build_stream: batch_size must be positive, got {batch_size}")
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"build_stream: caption_dropout must be in [0, 1], got {caption_dropout}")
+    if resampled and steps_per_epoch is None:
+        raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
+    if steps_per_epoch is not None and steps_per_epoch <= 0:
+        raise ValueError(f"build_stream: steps_per_epoch must be positive, got {steps_per_epoch}")
+    rank_, world = rank_and_world(rank, world_size)
+    return ShardStream(
+        expand_urls(urls), tokenizer=tokenizer, resolution=resolution, batch_size=batch_size,
+        caption_dropout=caption_dropout, center_crop=center_crop, random_flip=random_flip,
+        shuffle_buffer=shuffle_buffer, resampled=resampled, steps_per_epoch=steps_per_epoch, seed=seed,
+        image_keys=image_keys, caption_key=caption_key, min_size=min_size, rank=rank_, world_size=world,
+        epoch=epoch, allow_missing_caption=allow_missing_caption,
+    )

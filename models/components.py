@@ -1,0 +1,128 @@
+"""The one place diffusion components are built: from a size preset or a local diffusers folder.
+
+A run's model is a `Components`: UNet, optional VAE (latent diffusion; None for pixel space),
+text encoder, tokenizer and the training noise scheduler. Every method, the sampler and the
+exporter work on this object, so pixel and latent models differ only here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+
+from models.tiny import build_preset
+
+log = logging.getLogger(__name__)
+
+REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler: DDPMScheduler
+    vae: AutoencoderKL | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        """Side of the UNet's input (pixels, or latents when a VAE is present)."""
+        return int(self.unet.config.sample_size)
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels."""
+        if self.vae is None:
+            return self.sample_size
+        return self.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the diffusers folder layout (subfolders as `from_pretrained` expects, safetensors)."""
+        out = Path(out)
+        self.unet.save_pretrained(out / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(out / "vae", safe_serialization=True)
+
+
+def make_scheduler(prediction_type: str, beta_schedule: str = "squaredcos_cap_v2",
+                   num_train_timesteps: int = 1000) -> DDPMScheduler:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"model.prediction_type: '{prediction_type}' is not one of {PREDICTION_TYPES}")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=False)
+
+
+def check_pretrained_folder(path: str | Path) -> Path:
+    """Fail before any heavy work, with one line naming what is missing and the fix."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.pretrained: '{p}' is not a folder; give a local diffusers model folder "
+                                "(with unet/, text_encoder/, tokenizer/, scheduler/) or use model=tiny_pixel")
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (p / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model.pretrained: '{p}' lacks subfolder(s) {', '.join(missing)}; a diffusers "
+                                "model folder (as saved by save_pretrained) has unet/, text_encoder/, tokenizer/, "
+                                "scheduler/ and, for latent models, vae/")
+    return p
+
+
+def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Components:
+    """Load components from a local diffusers folder (Stable Diffusion layout or our own exports)."""
+    p = check_pretrained_folder(path)
+    scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
+    if prediction_type and prediction_type != scheduler.config.prediction_type:
+        log.info("switching prediction_type %s -> %s", scheduler.config.prediction_type, prediction_type)
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    vae = AutoencoderKL.from_pretrained(p, subfolder="vae") if (p / "vae").is_dir() else None
+    return Components(
+        unet=UNet2DConditionModel.from_pretrained(p, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(p, subfolder="text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(p / "tokenizer"),
+        scheduler=scheduler,
+        vae=vae,
+    )
+
+
+def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int = 16,
+                     prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
+                     seed: int = 0, gradient_checkpointing: bool = False) -> Components:
+    """The Hydra `model` group lands here: a local pretrained folder wins over the preset."""
+    if pretrained:
+        comps = load_pretrained(pretrained, prediction_type)
+    else:
+        unet, text_encoder, tokenizer = build_preset(preset, resolution, seed=seed)
+        comps = Components(unet, text_encoder, tokenizer, make_scheduler(prediction_type, beta_schedule))
+    if gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    comps.text_encoder.requires_grad_(False)
+    if comps.vae is not None:
+        comps.vae.requires_grad_(False)
+    n = sum(p.numel() for p in comps.unet.parameters())
+    log.info("built model: %s, UNet %.2fM params, %s space %dx%d, %s", pretrained or f"preset {preset}", n / 1e6,
+             "latent" if comps.vae is not None else "pixel", comps.resolution, comps.resolution,
+             comps.scheduler.config.prediction_type)
+    return comps
+
+
+@torch.no_grad()
+def encode_prompts(comps: Components, input_ids: torch.Tensor) -> torch.Tensor:
+    """Text-encoder hidden states for token ids (the UNet's cross-attention context)."""
+    return comps.text_encoder(input_ids.to(comps.text_encoder.device))[0]
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids

@@ -1,0 +1,50 @@
+"""From components to a diffusers pipeline: in memory (our sampler) or on disk (`foundry-export`)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       StableDiffusionPipeline)
+
+from models.components import Components
+from models.pipeline import FoundryPixelPipeline
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler,
+            "euler": EulerDiscreteScheduler}
+
+
+def make_sampler(comps: Components, name: str = "ddim"):
+    """A sampling scheduler sharing the training noise schedule; pixel models clip x0 to [-1, 1]."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler '{name}' is not one of {sorted(SAMPLERS)}")
+    extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm") else {}
+    return SAMPLERS[name].from_config(comps.scheduler.config, **extra)
+
+
+def make_pipeline(comps: Components, sampler: str = "ddim"):
+    """The pipeline a user would load from the export, built around live modules (no copies)."""
+    scheduler = make_sampler(comps, sampler)
+    if comps.vae is None:
+        pipe = FoundryPixelPipeline(comps.unet, comps.text_encoder, comps.tokenizer, scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                       unet=comps.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_pipeline(comps: Components, out: str | Path, sampler: str = "ddim") -> Path:
+    """Write a folder that `DiffusionPipeline.from_pretrained` loads (pixel models need trust_remote_code)."""
+    out = Path(out)
+    pipe = make_pipeline(comps, sampler)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if comps.vae is None:
+        shutil.copy(Path(__file__).with_name("pipeline.py"), out / "pipeline.py")
+        index_path = out / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline", FoundryPixelPipeline.__name__]
+        index_path.write_text(json.dumps(index, indent=2))
+    return out

@@ -1,0 +1,97 @@
+"""A diffusers pipeline for pixel-space, CLIP-conditioned text-to-image UNets (no VAE).
+
+diffusers ships no stock pipeline for this (DeepFloyd IF expects T5), so this file is copied next to
+`model_index.json` on export and loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`.
+It is also the platform's own sampler (sample grids, digits eval), so training-time samples and exported
+samples come from the same code. Self-contained on purpose: it imports only torch and diffusers.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class FoundryPixelPipeline(DiffusionPipeline):
+    """Same call signature as StableDiffusionPipeline, so tools written for SD pipelines work on it."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device))[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Callable | None = None):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        size = self.unet.config.sample_size
+        height, width = height or size, width or size
+        device = self._execution_device
+        cond = self.encode_prompt(prompts, device)
+        do_cfg = guidance_scale > 1.0
+        if do_cfg:
+            neg = negative_prompt or ""
+            negs = [neg] * n if isinstance(neg, str) else [x for x in neg for _ in range(num_images_per_prompt)]
+            cond = torch.cat([self.encode_prompt(negs, device), cond])
+        shape = (n, self.unet.config.in_channels, height, width)
+        dtype = self.unet.dtype
+        x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
+                                                                                 device=device, dtype=dtype)
+        x = x * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        extra = {"eta": eta, "generator": generator} if "eta" in _step_params(self.scheduler) else {}
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            inp = torch.cat([x, x]) if do_cfg else x
+            inp = self.scheduler.scale_model_input(inp, t)
+            out = self.unet(inp, t, encoder_hidden_states=cond.to(dtype)).sample
+            if do_cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance_scale * (text - uncond)
+            x = self.scheduler.step(out, t, x, **extra).prev_sample
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, t, {"latents": x})
+        images = x.clamp(-1, 1)
+        if output_type == "latent":
+            out_images = images
+        elif output_type == "pt":
+            out_images = (images + 1) / 2
+        else:
+            arr = ((images + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
+            out_images = arr if output_type == "np" else self.numpy_to_pil(arr)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (out_images,)
+        return ImagePipelineOutput(images=out_images)
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def to_uint8_grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """[N,H,W,C] floats in [0,1] -> one uint8 grid image (rows of `nrow`), for logs and PNGs."""
+    n, h, w, c = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.zeros((rows * h, nrow * w, c), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return (grid.clip(0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,102 @@
+"""Size presets built from config, with no hub: the digits-world model and test-sized models.
+
+Every preset is a real diffusers UNet and a real transformers CLIP text encoder; only the sizes are
+small. The tokenizer is a byte-level BPE trained offline on the caption corpus, so any text
+tokenizes (unknown words fall back to bytes) and nothing is downloaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one preset; `resolution` is the pixel (or latent) side the UNet is built for."""
+
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    max_length: int
+    vocab_size: int
+
+
+PRESETS: dict[str, Preset] = {
+    # ~1 M parameters: learns the 16x16 digits on a 2-core CPU in minutes (see shared NOTES).
+    "tiny_pixel": Preset((32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                         ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 64, 2, 2, 16, 512),
+    # Test-sized: a forward pass in milliseconds.
+    "micro": Preset((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                    ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 16, 1, 2, 12, 300),
+}
+
+
+def default_caption_corpus() -> list[str]:
+    """The captions the tokenizer is trained on: the digits world's, plus common caption words."""
+    from data.digits import CAPTION_TEMPLATES, DIGIT_WORDS
+
+    corpus = [t.format(word=w) for t in CAPTION_TEMPLATES for w in DIGIT_WORDS]
+    corpus += ["a photo of a dog", "a photo of sks dog", "a painting of a cat", "a picture of a person",
+               "a sks digit", "an image of the number", "0 1 2 3 4 5 6 7 8 9"]
+    return corpus
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 512, max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `corpus` and wrap it so transformers and diffusers can save/load it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   model_max_length=max_length)
+
+
+def build_text_encoder(p: Preset, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+    """A CLIP text encoder whose special-token ids live inside the small vocabulary (NOTES: pooling)."""
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=2 * p.text_hidden,
+                         num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
+                         max_position_embeddings=p.max_length, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         projection_dim=p.text_hidden)
+    return CLIPTextModel(cfg)
+
+
+def build_unet(p: Preset, resolution: int, in_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=p.block_out_channels, down_block_types=p.down_block_types,
+        up_block_types=p.up_block_types, layers_per_block=p.layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+        norm_num_groups=min(8, p.block_out_channels[0]))
+
+
+def build_preset(name: str, resolution: int, in_channels: int = 3, seed: int = 0,
+                 corpus: list[str] | None = None):
+    """(unet, text_encoder, tokenizer) for a named preset, deterministic for a given seed."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset '{name}'; choose one of {sorted(PRESETS)} "
+                         "or set model.pretrained=/path/to/diffusers_folder")
+    p = PRESETS[name]
+    if resolution % (2 ** (len(p.block_out_channels) - 1)):
+        raise ValueError(f"model.resolution={resolution} must be divisible by "
+                         f"{2 ** (len(p.block_out_channels) - 1)} for preset '{name}'")
+    tokenizer = build_tokenizer(corpus or default_caption_corpus(), p.vocab_size, p.max_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = build_text_encoder(p, tokenizer)
+        unet = build_unet(p, resolution, in_channels, p.text_hidden)
+    return unet, text_encoder, tokenizer

@@ -1,0 +1,91 @@
+"""The one place that turns a composed config into objects. `_target_` only at component roots."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from models.components import build_components
+from train.checkpoint import AtomicCheckpointIO
+from train.diffusion import DiffusionCore
+from train.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values under secret-looking keys, so configs saved or logged never carry credentials."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET.search(str(k)) else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    return scrub(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+
+
+def _kwargs(node: DictConfig | None) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """Components + core + method -> the LightningModule (also used to rebuild from a checkpoint)."""
+    components = build_components(**_kwargs(cfg.model))
+    core = DiffusionCore(components.scheduler, min_snr_gamma=cfg.loss.min_snr_gamma, offset_noise=cfg.loss.offset_noise,
+                         loss_type=cfg.loss.type)
+    method = instantiate(cfg.method)
+    module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
+                             lr_scheduler=_kwargs(cfg.lr_scheduler), **_kwargs(cfg.module))
+    log.info("method %s, %d trainable parameters", method.name, sum(p.numel() for p in module.trainable_parameters()))
+    return module
+
+
+def build_datamodule(cfg: DictConfig, tokenizer) -> L.LightningDataModule:
+    datamodule = instantiate(cfg.data)
+    datamodule.set_tokenizer(tokenizer)
+    return datamodule
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
+                                     auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
+                                     save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max", save_last=True))
+    return callbacks
+
+
+def build_logger(cfg: DictConfig):
+    node = cfg.get("logger")
+    if not node or "_target_" not in node:
+        return False
+    if "WandbLogger" in node._target_:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if node.get("offline", True):
+            os.environ["WANDB_MODE"] = "offline"
+    logger = instantiate(node)
+    logger.log_hyperparams(resolved_config(cfg))
+    return logger
+
+
+def build_strategy(cfg: DictConfig):
+    node = cfg.get("strategy") or {}
+    if "_target_" in node:
+        return instantiate(node)
+    return node.get("name", "auto")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    return L.Trainer(**_kwargs(cfg.trainer), default_root_dir=str(run_dir), max_epochs=-1,
+                     num_sanity_val_steps=0, callbacks=build_callbacks(cfg, run_dir), logger=build_logger(cfg),
+                     strategy=build_strategy(cfg), plugins=[AtomicCheckpointIO()])

@@ -1,0 +1,106 @@
+"""Checkpoints: atomic writes, safe loads, resume resolution, and checkpoint -> components/pipeline.
+
+Every checkpoint carries the run's resolved config (secrets scrubbed) so sampling, export and evaluation
+rebuild exactly the module that was trained, through the same builder as training.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to `<name>.tmp`, fsync, then rename: a crash mid-write leaves the previous checkpoint loadable,
+    and a failed write (disk full) raises with the path named while the old file stays intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"could not write checkpoint '{path}': {e.strerror or e}; the previous checkpoint is "
+                          "untouched. Free space or set paths.output_dir to a larger disk.") from e
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"ckpt_path: no checkpoint at '{path}'")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """`last` -> the run's last.ckpt if it exists (a requeued run resumes); a path must exist."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("no checkpoint at %s: starting fresh", last)
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at '{ckpt_path}'; give a .ckpt file, 'last' or null")
+    return ckpt_path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, loaded without unpickling arbitrary objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at '{p}'; give a .ckpt file from <run_dir>/checkpoints/")
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def load_module(path: str | Path, use_ema: bool = True):
+    """Rebuild the trained module from a checkpoint (EMA weights swapped in when present and asked for)."""
+    from omegaconf import OmegaConf
+
+    from train.build import build_module
+
+    ckpt = read_checkpoint(path)
+    cfg_dict = ckpt.get("foundry", {}).get("config")
+    if cfg_dict is None:
+        raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
+    cfg = OmegaConf.create(cfg_dict)
+    module = build_module(cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA")), None)
+    if use_ema and ema_state and ema_state.get("shadow_params"):
+        params = module.trainable_parameters()
+        for p, s in zip(params, ema_state["shadow_params"], strict=True):
+            p.data.copy_(s.to(p.dtype))
+        log.info("loaded EMA weights from %s (step %s)", path, ckpt.get("global_step"))
+    module.eval()
+    return module, cfg
+
+
+def load_components(path: str | Path, use_ema: bool = True):
+    """Components from a .ckpt or from a diffusers folder (exported or pretrained)."""
+    from models.components import load_pretrained
+
+    if Path(path).is_dir():
+        return load_pretrained(path)
+    module, _ = load_module(path, use_ema)
+    return module.components
+
+
+def load_pipeline(path: str | Path, use_ema: bool = True, sampler: str = "ddim"):
+    """A ready-to-call pipeline from a checkpoint or an exported/pretrained folder."""
+    from models.export import make_pipeline
+
+    return make_pipeline(load_components(path, use_ema), sampler)

@@ -1,0 +1,101 @@
+"""The noise/loss core: noise schedule, objective targets, SNR weighting and per-sample losses.
+
+Every method (denoising, DreamBooth, DPO, distillation...) and the evaluator use this one object, so a
+fix to a target or a weighting lands everywhere at once. All losses are per-sample `[B]` vectors:
+prior-preservation splits, preference pairing and weighting act on that vector before the one reduction
+in the training loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class DiffusionCore:
+    """Discrete-time VP diffusion (DDPM schedule) with epsilon or v-prediction targets."""
+
+    def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None, offset_noise: float = 0.0,
+                 loss_type: str = "mse", huber_c: float = 0.001):
+        if loss_type not in ("mse", "huber"):
+            raise ValueError(f"loss.type: '{loss_type}' is not one of mse, huber")
+        self.scheduler = scheduler
+        self.prediction_type: str = scheduler.config.prediction_type
+        self.num_timesteps: int = scheduler.config.num_train_timesteps
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.loss_type = loss_type
+        self.huber_c = huber_c
+        self._acp = scheduler.alphas_cumprod.float()
+
+    def alphas_cumprod(self, t: torch.Tensor) -> torch.Tensor:
+        return self._acp.to(t.device)[t]
+
+    def sample_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None):
+        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gaussian noise, plus per-channel offset noise (helps very dark/bright images) when configured."""
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn(
+                (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2))), device=x0.device, dtype=x0.dtype,
+                generator=generator)
+        return noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at (x_t, t)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
+
+    def predict_x0(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = _expand(self.alphas_cumprod(t), xt)
+        if self.prediction_type == "epsilon":
+            return (xt - (1 - a).sqrt() * pred) / a.sqrt()
+        return a.sqrt() * xt - (1 - a).sqrt() * pred
+
+    def predict_eps(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return pred
+        a = _expand(self.alphas_cumprod(t), xt)
+        return (1 - a).sqrt() * xt + a.sqrt() * pred
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        return compute_snr(self.scheduler, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al.): clamp the weight of low-noise steps; 1 when disabled.
+
+        For epsilon targets the weight is min(SNR, g) / SNR; for v targets min(SNR, g) / (SNR + 1), because the
+        v loss already carries a factor (SNR + 1) relative to the x0 loss.
+        """
+        if not self.min_snr_gamma:
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t).float()
+        clamped = torch.clamp(snr, max=self.min_snr_gamma)
+        denom = snr + 1 if self.prediction_type == "v_prediction" else snr
+        return clamped / denom.clamp_min(1e-8)
+
+    def per_sample_error(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Unweighted error per sample, [B] (DPO compares these between policy and reference)."""
+        pred, target = pred.float(), target.float()
+        if self.loss_type == "huber":
+            err = torch.sqrt((pred - target) ** 2 + self.huber_c ** 2) - self.huber_c
+        else:
+            err = F.mse_loss(pred, target, reduction="none")
+        return err.flatten(1).mean(1)
+
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Weighted per-sample loss, [B]."""
+        return self.per_sample_error(pred, target) * self.loss_weights(t).to(pred.device)

@@ -1,0 +1,21 @@
+"""Plain text-to-image denoising: the base-training objective (epsilon or v, min-SNR, offset noise)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train.methods.base import Method
+
+
+class Denoise(Method):
+    name = "denoise"
+
+    def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
+        core = module.core
+        x0 = module.encode_images(batch["pixels"])
+        cond = module.encode_text(batch["input_ids"])
+        noise = core.sample_noise(x0)
+        t = core.sample_timesteps(x0.shape[0], x0.device)
+        pred = module.unet(core.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        return {"loss": core.per_sample_loss(pred, core.target(x0, noise, t), t), "timestep": t.float()}

@@ -1,0 +1,145 @@
+"""DiffusionModule: the one training loop. Methods supply a per-sample loss; nothing overrides this step.
+
+It owns the trained network(s), the optimizer and LR schedule, the non-finite guard and the data-skip
+accounting. EMA, sampling, evaluation and throughput live in callbacks.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+
+from models.components import Components
+from train.diffusion import DiffusionCore
+from train.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive non-finite steps; the last good checkpoint is left untouched."""
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, components: Components, core: DiffusionCore, method: Method,
+                 optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
+                 max_nonfinite_steps: int = 5):
+        super().__init__()
+        self.components = components
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.core = core
+        self.method = method
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-4})
+        self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.skipped: Counter[str] = Counter()
+        self.run_config: dict[str, Any] | None = None  # the resolved run config, saved in every checkpoint
+        method.setup(self)
+
+    # ----- encoders shared by every method -----
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the space the UNet works in (latents when a VAE is present)."""
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        trainable = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            return self.text_encoder(input_ids)[0]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- the loop -----
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        self._account_skipped(batch.get("skipped") or {})
+        out = self.method.loss(batch, self)
+        loss = out["loss"].mean()
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            self._nonfinite("loss")
+            return None  # Lightning skips backward and the optimizer step: weights stay good
+        bs = out["loss"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for key, value in out.items():
+            if key != "loss":
+                self.log(f"train/{key}", value.detach().float().mean(), batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop a step whose gradients are not finite (the loss was); fp16 leaves this to its loss scaler."""
+        if "16-mixed" == str(self.trainer.precision):
+            return
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        local_ok = all(bool(torch.isfinite(g).all()) for g in grads)
+        if self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            self.nonfinite_streak = 0
+            return
+        for p in self.trainable_parameters():
+            p.grad = None  # AdamW skips parameters without gradients: this step changes nothing
+        self._nonfinite("gradient")
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        log.warning("non-finite %s at step %d: step skipped (%d in a row, %d in total)", what, self.global_step,
+                    self.nonfinite_streak, self.nonfinite_total)
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"training stopped: {self.nonfinite_streak} consecutive non-finite {what}s at step {self.global_step}"
+                f" (limit module.max_nonfinite_steps={self.max_nonfinite_steps}); the last good checkpoint is kept."
+                " Lower the learning rate or use bf16/fp32 precision.")
+
+    def _account_skipped(self, skipped: dict[str, int]) -> None:
+        for reason, n in skipped.items():
+            self.skipped[reason] += int(n)
+        self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
+        for reason, n in skipped.items():
+            if n:
+                log.warning("skipped %d corrupt sample(s) (%s); %d so far", n, reason, sum(self.skipped.values()))
+
+    # ----- optimizer -----
+    def configure_optimizers(self):
+        cfg = dict(self.optimizer_cfg)
+        name = cfg.pop("name", "adamw")
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("optimizer: the model has no trainable parameters; check model/adapter settings")
+        if name != "adamw":
+            raise ValueError(f"optimizer.name: '{name}' is not supported yet; use adamw")
+        fused = cfg.pop("fused", None)
+        if fused is None:  # fused kernels where the parameters' device has them
+            fused = params[0].device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=cfg.pop("lr"), betas=tuple(cfg.pop("betas", (0.9, 0.999))),
+                                      weight_decay=cfg.pop("weight_decay", 0.01), eps=cfg.pop("eps", 1e-8),
+                                      fused=bool(fused))
+        if cfg:
+            raise ValueError(f"optimizer: unknown key(s) {sorted(cfg)}")
+        sched_cfg = dict(self.lr_scheduler_cfg)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
+        scheduler = get_scheduler(sched_cfg.pop("name", "constant"), optimizer,
+                                  num_warmup_steps=sched_cfg.pop("warmup_steps", 0), num_training_steps=total)
+        if sched_cfg:
+            raise ValueError(f"lr_scheduler: unknown key(s) {sorted(sched_cfg)}")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- state that must survive resume -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["foundry"] = {"skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
+                                 "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("foundry", {})
+        self.skipped = Counter(state.get("skipped", {}))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))

@@ -1,0 +1,53 @@
+"""build -> fit -> summarize. Importable, so tests drive the exact code the CLI runs."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from train.build import build_datamodule, build_module, build_trainer, resolved_config
+from train.checkpoint import resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def current_run_dir(cfg: DictConfig) -> Path:
+    """Hydra's run directory when Hydra is running (identical on every rank), else paths.run_dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.run_dir)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = current_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    module.run_config = resolved_config(cfg)
+    datamodule = build_datamodule(cfg, module.components.tokenizer)
+    datamodule.setup("fit")  # bad shard paths fail here, before the trainer starts any worker
+    trainer = build_trainer(cfg, run_dir)
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt:
+        import torch
+
+        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", "?")
+        log.info("resuming from %s at step %s", ckpt, step)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    summary = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    for cb in trainer.callbacks:
+        summary.update(getattr(cb, "last_metrics", {}))
+    summary.update({"global_step": trainer.global_step, "train_seconds": time.perf_counter() - t0,
+                    "run_dir": str(run_dir), "resumed_from": ckpt})
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        log.info("run summary: %s", run_dir / "summary.json")
+    return summary
