@@ -9,15 +9,23 @@ processes: the LightningModule sums ``batch["skipped"]`` and logs
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from data.transforms import BadSample
+
+log = logging.getLogger(__name__)
+
 # Why a sample was dropped. Order is the order of the pipeline stages.
 SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small")
 
 BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
+
+# After this many bad samples in a row the data, not a sample, is broken: fail loudly instead of spinning.
+MAX_CONSECUTIVE_SKIPS = 1000
 
 
 def empty_skips() -> dict[str, int]:
@@ -74,3 +82,46 @@ def collate(
 def total_skipped(batch: Mapping[str, Any]) -> int:
     """Number of samples the producing worker dropped since its previous batch."""
     return int(sum((batch.get("skipped") or {}).values()))
+
+
+class SkipCounter:
+    """Counts skipped samples by reason, warns once per reason, and stops a stream that is all bad.
+
+    One lives in each worker's copy of the stream; ``take()`` empties it into the next batch.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.counts = empty_skips()
+        self.warned: set[str] = set()
+        self.consecutive = 0
+
+    def add(self, reason: str, exn: BaseException | None = None) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.consecutive += 1
+        if reason not in self.warned:
+            self.warned.add(reason)
+            detail = f"{type(exn).__name__}: {exn}" if exn is not None else ""
+            log.warning("data: skipping sample (%s) in %s: %s [warned once per reason]", reason, self.where, detail)
+        if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(
+                f"data: {self.consecutive} bad samples in a row in {self.where} ({self.counts}); "
+                "the shards look unreadable: check data.urls and the shard files"
+            )
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, empty_skips()
+        return counts
+
+    def read_handler(self, exn: Exception) -> bool:
+        """webdataset handler (exception -> keep going?) for tar/url errors."""
+        self.add("read", exn)
+        return True
+
+    def sample_handler(self, exn: Exception) -> bool:
+        """webdataset handler for per-sample decode errors; unexpected errors count as decode."""
+        self.add(exn.reason if isinstance(exn, BadSample) else "decode", exn)
+        return True

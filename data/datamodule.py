@@ -40,6 +40,7 @@ class ShardDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # logged with the run and stored in checkpoints
         self.urls = _plain(urls)
         self.val_urls = _plain(val_urls)
         self.resolution = int(resolution)
@@ -67,6 +68,11 @@ class ShardDataModule(L.LightningDataModule):
         """Epoch used when no trainer is attached; with a trainer, ``trainer.current_epoch`` wins."""
         self._epoch = int(epoch)
 
+    def prepare_data(self) -> None:
+        """Build the digits cache once per node before every rank's ``setup`` (a race is safe anyway)."""
+        if self.urls is None:
+            ensure_digits_shards(self.resolution)
+
     def setup(self, stage: str | None = None) -> None:
         """Resolve URLs now so a wrong path fails in one line before any heavy work."""
         if self.tokenizer is None:
@@ -90,12 +96,12 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else self._epoch
 
-    def _loader(self, stream: Any) -> DataLoader:
+    def _loader(self, stream: Any, num_workers: int) -> DataLoader:
         return StreamLoader(
             stream,
             batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            num_workers=num_workers,
+            persistent_workers=self.persistent_workers and num_workers > 0,
             pin_memory=False,
         )
 
@@ -118,7 +124,7 @@ class ShardDataModule(L.LightningDataModule):
             min_size=self.min_size,
             epoch=self._current_epoch(),
         )
-        return self._loader(stream)
+        return self._loader(stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         """One deterministic pass over ``val_urls`` (no dropout, no flip); none without them."""
@@ -141,7 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             min_size=self.min_size,
         )
-        return self._loader(stream)
+        return self._loader(stream, min(self.num_workers, len(self.val_url_list)))  # a worker per shard at most
 
     def state_dict(self) -> dict[str, Any]:
         """Enough to check a resume uses the same stream; exact mid-epoch resume is future work."""

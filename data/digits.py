@@ -94,7 +94,7 @@ def write_digits_shards(
     try:
         # mtime=0 makes shard bytes reproducible; encoder=False because we hand over bytes.
         with wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=maxcount, verbose=0, encoder=False, mtime=0) as sink:
-            for i, (img, label) in enumerate(zip(images, labels)):
+            for i, (img, label) in enumerate(zip(images, labels, strict=True)):
                 template = rng.randrange(len(CAPTION_TEMPLATES))
                 meta = {"label": int(label), "index": i, "template": template}
                 sink.write(

@@ -22,6 +22,7 @@ import os
 import random
 import shlex
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.batch import collate, empty_skips
+from data.batch import SkipCounter, collate
 from data.transforms import BadSample, ImageTransform, decode_caption, drop_caption, load_image
 
 log = logging.getLogger(__name__)
 
 BUILD_HINT = "Build shards with 'foundry-shards digits' or 'foundry-shards folder DIR --out OUT', or fix the path."
 IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
-# After this many bad samples in a row the data, not a sample, is broken: fail loudly instead of spinning.
-MAX_CONSECUTIVE_SKIPS = 1000
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -102,46 +101,6 @@ def batches_for_worker(steps: int, worker: int, num_workers: int) -> int:
     return steps // num_workers + (1 if worker < steps % num_workers else 0)
 
 
-class SkipCounter:
-    """Counts skipped samples by reason and warns once per reason per worker process copy."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.counts = empty_skips()
-        self.warned: set[str] = set()
-        self.consecutive = 0
-
-    def add(self, reason: str, exn: BaseException | None = None) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.consecutive += 1
-        if reason not in self.warned:
-            self.warned.add(reason)
-            detail = f"{type(exn).__name__}: {exn}" if exn is not None else ""
-            log.warning("data: skipping sample (%s) in %s: %s [warned once per reason]", reason, self.where, detail)
-        if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(
-                f"data: {self.consecutive} bad samples in a row in {self.where} ({self.counts}); "
-                "the shards look unreadable: check data.urls and the shard files"
-            )
-
-    def ok(self) -> None:
-        self.consecutive = 0
-
-    def take(self) -> dict[str, int]:
-        counts, self.counts = self.counts, empty_skips()
-        return counts
-
-    def read_handler(self, exn: Exception) -> bool:
-        """webdataset handler (exception -> keep going?) for tar/url errors."""
-        self.add("read", exn)
-        return True
-
-    def sample_handler(self, exn: Exception) -> bool:
-        """webdataset handler for per-sample decode errors; unexpected errors count as decode."""
-        self.add(exn.reason if isinstance(exn, BadSample) else "decode", exn)
-        return True
-
-
 def _parse_meta(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -150,6 +109,25 @@ def _parse_meta(value: Any) -> dict[str, Any]:
     except (ValueError, TypeError):
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a stream reads and how; everything but the urls, tokenizer and placement."""
+
+    resolution: int
+    batch_size: int
+    caption_dropout: float = 0.1
+    center_crop: bool = True
+    random_flip: bool = False
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    caption_key: str = "txt"
+    min_size: int = 0
+    allow_missing_caption: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -162,42 +140,12 @@ class ShardStream(IterableDataset):
     with persistent workers, fresh workers or no workers.
     """
 
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        tokenizer: Any,
-        resolution: int,
-        batch_size: int,
-        caption_dropout: float,
-        center_crop: bool,
-        random_flip: bool,
-        shuffle_buffer: int,
-        resampled: bool,
-        steps_per_epoch: int | None,
-        seed: int,
-        image_keys: Sequence[str],
-        caption_key: str,
-        min_size: int,
-        rank: int,
-        world_size: int,
-        epoch: int = 0,
-        allow_missing_caption: bool = False,
-    ) -> None:
+    def __init__(self, urls: list[str], spec: StreamSpec, tokenizer: Any, rank: int, world_size: int,
+                 epoch: int = 0) -> None:
         super().__init__()
-        self.urls = list(urls)
-        self.tokenizer = tokenizer
-        self.batch_size = int(batch_size)
-        self.caption_dropout = float(caption_dropout)
-        self.transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, min_size=min_size)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.resampled = resampled
-        self.steps_per_epoch = steps_per_epoch
-        self.seed = int(seed)
-        self.image_keys = tuple(image_keys)
-        self.caption_key = caption_key
-        self.allow_missing_caption = allow_missing_caption
+        self.urls, self.spec, self.tokenizer = list(urls), spec, tokenizer
         self.rank, self.world_size = rank, world_size
+        self.transform = ImageTransform(spec.resolution, spec.center_crop, spec.random_flip, spec.min_size)
         self.next_epoch = int(epoch)
         self._counter: SkipCounter | None = None
 
@@ -206,9 +154,9 @@ class ShardStream(IterableDataset):
         self.next_epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.steps_per_epoch is None:
+        if self.spec.steps_per_epoch is None:
             raise TypeError("ShardStream has no length without steps_per_epoch")
-        return int(self.steps_per_epoch)
+        return int(self.spec.steps_per_epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -219,8 +167,8 @@ class ShardStream(IterableDataset):
         counter = self._counter
         counter.consecutive = 0
         n_batches = None
-        if self.steps_per_epoch is not None:
-            n_batches = batches_for_worker(int(self.steps_per_epoch), worker, num_workers)
+        if self.spec.steps_per_epoch is not None:
+            n_batches = batches_for_worker(int(self.spec.steps_per_epoch), worker, num_workers)
             if n_batches == 0:  # with_epoch(0) would mean "no limit" in webdataset
                 return iter(())
         pipeline = self._pipeline(epoch, worker, num_workers, counter)
@@ -229,52 +177,79 @@ class ShardStream(IterableDataset):
         return iter(pipeline)
 
     def _pipeline(self, epoch: int, worker: int, num_workers: int, counter: SkipCounter) -> wds.DataPipeline:
-        where = (self.seed, epoch, self.rank, worker)
-        if self.resampled:
+        spec, where = self.spec, (self.spec.seed, epoch, self.rank, worker)
+        if spec.resampled:
             # deterministic=True and a constant worker_seed: the seed we pass is the whole seed.
-            shards: list[Any] = [
-                wds.ResampledShards(self.urls, seed=derive_seed(*where, "shards"), worker_seed=lambda: 0,
-                                    deterministic=True)
-            ]
+            seed = derive_seed(*where, "shards")
+            shards: list[Any] = [wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)]
         else:
             urls = list(self.urls)
-            if self.shuffle_buffer > 1:  # same order on every rank (seed, epoch) so the split stays disjoint
-                random.Random(derive_seed(self.seed, epoch, "shard-order")).shuffle(urls)
+            if spec.shuffle_buffer > 1:  # same order on every rank (seed, epoch) so the split stays disjoint
+                random.Random(derive_seed(spec.seed, epoch, "shard-order")).shuffle(urls)
             if len(urls) < self.world_size * num_workers and self.rank == 0 and worker == 0:
                 log.warning(
                     "data: %d shard(s) for %d rank(s) x %d worker(s): some ranks/workers get no data "
                     "(use resampled=true or write more shards)", len(urls), self.world_size, num_workers,
                 )
-            shards = [wds.SimpleShardList(urls), partial(_split_by_rank, rank=self.rank, world=self.world_size),
-                      wds.split_by_worker]
-        stages = [*shards, wds.tarfile_to_samples(handler=counter.read_handler)]
-        if self.shuffle_buffer > 1:
+            split = partial(_split_by_rank, rank=self.rank, world=self.world_size)
+            shards = [wds.SimpleShardList(urls), split, wds.split_by_worker]
+        stages = [*shards, partial(tar_samples, handler=counter.read_handler)]
+        if spec.shuffle_buffer > 1:
             rng = random.Random(derive_seed(*where, "shuffle"))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+            stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), rng=rng))
         aug_rng = random.Random(derive_seed(*where, "augment"))
         drop_rng = random.Random(derive_seed(*where, "dropout"))
         decode = partial(self._decode, counter=counter, aug_rng=aug_rng, drop_rng=drop_rng)
         stages.append(wds.map(decode, handler=counter.sample_handler))
         collate_fn = lambda samples: collate(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
-        stages.append(wds.batched(self.batch_size, collation_fn=collate_fn, partial=self.steps_per_epoch is None))
+        # Partial batches only in single passes (validation); training batches keep one shape.
+        stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
         return wds.DataPipeline(*stages)
 
     def _decode(
         self, sample: dict[str, Any], *, counter: SkipCounter, aug_rng: random.Random, drop_rng: random.Random
     ) -> dict[str, Any]:
         """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler)."""
-        image_key = next((k for k in self.image_keys if k in sample), None)
+        image_key = next((k for k in self.spec.image_keys if k in sample), None)
         if image_key is None:
             raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
-        caption = decode_caption(sample.get(self.caption_key), allow_missing=self.allow_missing_caption)
+        caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
         pixels = self.transform(load_image(sample[image_key]), aug_rng)
         counter.ok()
         return {
             "pixels": pixels,
-            "caption": drop_caption(caption, self.caption_dropout, drop_rng),
+            "caption": drop_caption(caption, self.spec.caption_dropout, drop_rng),
             "key": f"{sample.get('__url__', '')}/{sample['__key__']}",
             "meta": _parse_meta(sample.get("json")),
         }
+
+
+def tar_samples(sources: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """wds.tarfile_to_samples, except that a shard which ends in a read error drops its partial last sample.
+
+    Stock webdataset carries the half-read sample into the next shard, where
+    it is yielded with members missing or, if the next shard starts with the
+    same key, merged with another sample's members: a caption on the wrong image.
+    """
+    tariterators = wds.tariterators
+    return tariterators.group_by_keys(_shard_files(tariterators.url_opener(sources, handler=handler), handler),
+                                      handler=handler)
+
+
+def _shard_files(streams: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    tariterators = wds.tariterators
+    for source in streams:
+        last_key, clean = None, False
+        for item in tariterators.tar_file_expander([source], handler=handler):
+            if item == {}:
+                clean = True  # webdataset's end-of-shard marker: the shard was read to the end
+            else:
+                last_key = tariterators.base_plus_ext(item["fname"])[0] or last_key
+            yield item
+        if not clean:
+            if last_key is not None:  # group_by_keys drops samples that valid_sample() sees flagged __bad__
+                yield {"fname": f"{last_key}.__bad__", "data": True, "__url__": source["url"]}
+            yield {}
 
 
 def _split_by_rank(src: Iterator[Any], rank: int, world: int) -> Iterator[Any]:
@@ -336,11 +311,10 @@ def build_stream(
         raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
     if steps_per_epoch is not None and steps_per_epoch <= 0:
         raise ValueError(f"build_stream: steps_per_epoch must be positive, got {steps_per_epoch}")
-    rank_, world = rank_and_world(rank, world_size)
-    return ShardStream(
-        expand_urls(urls), tokenizer=tokenizer, resolution=resolution, batch_size=batch_size,
-        caption_dropout=caption_dropout, center_crop=center_crop, random_flip=random_flip,
-        shuffle_buffer=shuffle_buffer, resampled=resampled, steps_per_epoch=steps_per_epoch, seed=seed,
-        image_keys=image_keys, caption_key=caption_key, min_size=min_size, rank=rank_, world_size=world,
-        epoch=epoch, allow_missing_caption=allow_missing_caption,
+    spec = StreamSpec(
+        resolution=int(resolution), batch_size=int(batch_size), caption_dropout=float(caption_dropout),
+        center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
+        steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
+        min_size=int(min_size), allow_missing_caption=allow_missing_caption,
     )
+    return ShardStream(expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)

@@ -81,6 +81,8 @@ class DiffusionModule(L.LightningModule):
         if "16-mixed" == str(self.trainer.precision):
             return
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:  # the step's loss was already rejected: nothing to check, and no reset of the streak
+            return
         local_ok = all(bool(torch.isfinite(g).all()) for g in grads)
         if self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
             self.nonfinite_streak = 0
@@ -97,7 +99,8 @@ class DiffusionModule(L.LightningModule):
                     self.nonfinite_streak, self.nonfinite_total)
         if self.nonfinite_streak >= self.max_nonfinite_steps:
             raise NonFiniteError(
-                f"training stopped: {self.nonfinite_streak} consecutive non-finite {what}s at step {self.global_step}"
+                f"training stopped: {self.nonfinite_streak} consecutive non-finite steps (last: {what}) at step "
+                f"{self.global_step}"
                 f" (limit module.max_nonfinite_steps={self.max_nonfinite_steps}); the last good checkpoint is kept."
                 " Lower the learning rate or use bf16/fp32 precision.")
 

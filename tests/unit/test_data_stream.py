@@ -50,7 +50,7 @@ def test_batch_contract(digits, tokenizer):
                          return_tensors="pt").input_ids
     assert torch.equal(b["input_ids"], expected)
     assert all(isinstance(c, str) and c for c in b["captions"])
-    for caption, meta in zip(b["captions"], b["meta"]):
+    for caption, meta in zip(b["captions"], b["meta"], strict=True):
         assert DIGIT_WORDS[meta["label"]] in caption
     assert len(set(keys_of(batches))) == len(keys_of(batches)) == 64
     assert b["keys"][0].startswith(digits) and ".tar/" in b["keys"][0]
@@ -74,7 +74,7 @@ def test_resampled_stream_reproducible_and_distinct_per_rank(digits, tokenizer):
 
     a, b = run(0), run(0)
     assert keys_of(a) == keys_of(b)
-    assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(a, b))
+    assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(a, b, strict=True))
     assert [x["captions"] for x in a] == [y["captions"] for y in b]
     assert keys_of(run(1)) != keys_of(a)
     assert keys_of(run(0, seed=1)) != keys_of(a)
@@ -114,7 +114,7 @@ def test_split_by_node_gives_disjoint_shards(digits, tokenizer):
 def test_too_few_shards_warns_once(digits, tokenizer, caplog):
     two = [str(Path(digits) / f"digits-00000{i}.tar") for i in range(2)]
     s = build_stream(two, tokenizer=tokenizer, resolution=16, batch_size=64, resampled=False, rank=0, world_size=4)
-    with caplog.at_level(logging.WARNING, logger="data.webdataset"):
+    with caplog.at_level(logging.WARNING, logger="data"):
         batches = list(s)
     assert len({k.rsplit("/", 1)[0] for k in keys_of(batches)}) == 1  # rank 0 of 4 reads one shard
     warnings = [r for r in caplog.records if "some ranks/workers get no data" in r.getMessage()]
