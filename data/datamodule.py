@@ -14,7 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data.digits import ensure_digits_shards
-from data.webdataset import StreamLoader, build_stream, expand_urls, rank_and_world
+from data.webdataset import StreamLoader, build_stream, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +74,15 @@ class ShardDataModule(L.LightningDataModule):
             ensure_digits_shards(self.resolution)
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve URLs now so a wrong path fails in one line before any heavy work."""
-        if self.tokenizer is None:
-            raise RuntimeError(
-                "ShardDataModule: no tokenizer; call datamodule.set_tokenizer(model tokenizer) before setup()"
-            )
+        """Resolve URLs first, so a wrong path fails in one line before any heavy work."""
         if self.train_urls is None:
             self.train_urls = expand_urls(self.urls if self.urls is not None else ensure_digits_shards(self.resolution))
         if self.val_urls is not None and self.val_url_list is None:
             self.val_url_list = expand_urls(self.val_urls)
-        if not self.resampled:
-            _, world = rank_and_world()
-            readers = world * max(1, self.num_workers)
-            if len(self.train_urls) < readers:
-                log.warning(
-                    "data: %d shard(s) for %d rank(s) x %d worker(s): some get no data; "
-                    "set data.resampled=true or write more shards", len(self.train_urls), world, self.num_workers,
-                )
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "ShardDataModule: no tokenizer; call datamodule.set_tokenizer(model tokenizer) before setup()"
+            )
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -32,6 +32,12 @@ def _isolated_env(tmp_path_factory):
     yield
 
 
+def small(*overrides: str) -> list[str]:
+    """SMALL plus overrides; callback knobs are dropped when the callbacks group is switched off."""
+    base = SMALL if "callbacks=none" not in overrides else [o for o in SMALL if not o.startswith("callbacks.")]
+    return [*base, *overrides]
+
+
 def compose(overrides: list[str] | None = None):
     """The config foundry-train would run with these overrides (Hydra's compose API on the real conf/)."""
     from hydra import compose as hydra_compose
@@ -41,7 +47,7 @@ def compose(overrides: list[str] | None = None):
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=SMALL + list(overrides or []))
+        return hydra_compose(config_name="train", overrides=small(*(overrides or [])))
 
 
 def cli(*args: str) -> list[str]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -79,6 +82,34 @@ def test_resampled_stream_reproducible_and_distinct_per_rank(digits, tokenizer):
     assert keys_of(run(1)) != keys_of(a)
     assert keys_of(run(0, seed=1)) != keys_of(a)
     assert keys_of(run(0, epoch=1)) != keys_of(a)
+
+
+CROSS_RUN = """
+import hashlib, sys
+from test_data_helpers import make_tokenizer
+from data.webdataset import StreamLoader, build_stream
+s = build_stream(sys.argv[1], tokenizer=make_tokenizer(), resolution=16, batch_size=8, steps_per_epoch=4,
+                 random_flip=True, center_crop=False, caption_dropout=0.5, seed=7)
+h = hashlib.sha1()
+for b in StreamLoader(s, batch_size=None, num_workers=2):
+    h.update(repr((b["keys"], b["captions"])).encode() + b["pixels"].numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_stream_reproducible_across_processes(digits):
+    """Same seed, fresh interpreters with different hash seeds: the same bytes (webdataset's own
+    default seeding mixes in pid and time, and Python's str hash is salted per process)."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here)])}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", CROSS_RUN, digits], env={**env, "PYTHONHASHSEED": str(i)},
+                         stdout=subprocess.PIPE, text=True)
+        for i in (1, 2)
+    ]
+    digests = [r.communicate(timeout=120)[0].strip() for r in runs]
+    assert all(r.returncode == 0 for r in runs) and len(digests[0]) == 40
+    assert digests[0] == digests[1]
 
 
 def test_env_rank_is_used(digits, tokenizer, monkeypatch):
@@ -177,13 +208,16 @@ def test_collate_needs_tokenizer_or_ids():
 # --- datamodule ---------------------------------------------------------------------------------------
 
 
-def test_datamodule_needs_tokenizer_and_checks_paths(tmp_path, tokenizer):
+def test_datamodule_checks_paths_then_tokenizer(tmp_path, digits, tokenizer):
     dm = ShardDataModule(urls=str(tmp_path / "missing-*.tar"))
+    with pytest.raises(FileNotFoundError, match="no shard at"):
+        dm.setup("fit")  # a wrong path fails first, with or without a tokenizer
+    dm = ShardDataModule(urls=digits)
     with pytest.raises(RuntimeError, match="set_tokenizer"):
         dm.setup("fit")
     dm.set_tokenizer(tokenizer)
-    with pytest.raises(FileNotFoundError, match="no shard at"):
-        dm.setup("fit")
+    dm.setup("fit")
+    assert len(dm.train_urls) == 8
 
 
 def test_datamodule_defaults_to_digits(tmp_path, monkeypatch, tokenizer):

@@ -1,0 +1,88 @@
+"""foundry-train through the real CLI: run directory, checkpoints, samples, W&B offline, resume, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import cli, small
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(cli(*small(*args)), capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_train_resume_and_export_end_to_end(tmp_path):
+    run_dir = tmp_path / "e2e"
+    res = run_cli(f"paths.output_dir={tmp_path}", "run_name=e2e", "logger=wandb")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run written"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    s = summary(run_dir)
+    assert s["global_step"] == 4 and s["resumed_from"] is None
+    assert 0.0 <= s["val/prompt_accuracy"] <= 1.0 and "val/frechet" in s
+    assert (run_dir / "eval" / "digits_step_000004.json").is_file()
+
+    # Re-launching the same run name resumes from last.ckpt and continues the step count.
+    res = run_cli(f"paths.output_dir={tmp_path}", "run_name=e2e", "trainer.max_steps=6", "logger=csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout + res.stderr and "at step 4" in res.stdout + res.stderr
+    s = summary(run_dir)
+    assert s["global_step"] == 6 and s["resumed_from"].endswith("last.ckpt")
+
+    # Export -> a diffusers folder that diffusers itself loads and samples from, offline.
+    out = tmp_path / "exported"
+    res = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    images = pipe("a handwritten digit three", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
+
+    # foundry-sample from the checkpoint writes a grid
+    grid = tmp_path / "grid.png"
+    res = subprocess.run([sys.executable, "-m", "train.sample", str(run_dir), "--prompt", "a handwritten digit one",
+                          "--n", "2", "--steps", "2", "--out", str(grid)], capture_output=True, text=True)
+    assert res.returncode == 0 and grid.is_file(), res.stderr[-2000:]
+
+
+def test_sigkill_then_resume_continues_step_count(tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [f"paths.output_dir={tmp_path}", "run_name=killed", "callbacks=none", "checkpoint.every_n_steps=5",
+            "trainer.max_steps=100000", "logger=csv"]
+    proc = subprocess.Popen(cli(*small(*args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list((run_dir / "checkpoints").glob("step*.ckpt")):
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file(), "no checkpoint was written before the kill"
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step >= 5 and step % 5 == 0
+    res = run_cli(*args[:-2], f"trainer.max_steps={step + 3}", "logger=csv", "ckpt_path=last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at step {step}" in res.stdout + res.stderr
+    assert summary(run_dir)["global_step"] == step + 3
+    metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in metrics[1:] if r.split(",")[header.index("step")]]
+    assert steps and min(steps) >= step, "the resumed loss curve restarted from step 0"
