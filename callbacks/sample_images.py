@@ -60,7 +60,7 @@ class SampleImages(L.Callback):
                               generator=gens, output_type="np").images
         finally:
             module.train(was_training)
-        grid = Image.fromarray(to_uint8_grid(images, nrow=len(self.seeds) * max(1, len(self.prompts) // 2)))
+        grid = Image.fromarray(to_uint8_grid(images, nrow=len(self.seeds)))  # one row per prompt
         path = run_dir(trainer) / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)

@@ -52,7 +52,7 @@ def compose(overrides: list[str] | None = None):
 
 def cli(*args: str) -> list[str]:
     """The installed console script, run with this interpreter (works without the venv on PATH)."""
-    return [sys.executable, "-c", "from train.main import main; main()", *args]
+    return [sys.executable, "-m", "train.main", *args]
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ class DiffusionModule(L.LightningModule):
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if not grads:  # the step's loss was already rejected: nothing to check, and no reset of the streak
             return
-        local_ok = all(bool(torch.isfinite(g).all()) for g in grads)
+        local_ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))  # one reduction, not one per tensor
         if self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
             self.nonfinite_streak = 0
             return

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from train.build import build_datamodule, build_module, build_trainer, resolved_config
 from train.checkpoint import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 
 
 def current_run_dir(cfg: DictConfig) -> Path:
@@ -41,7 +44,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", "?")
         log.info("resuming from %s at step %s", ckpt, step)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except SIGTERMException:
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None  # the checkpoint is saved; the scheduler may requeue
     summary = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     for cb in trainer.callbacks:
         summary.update(getattr(cb, "last_metrics", {}))

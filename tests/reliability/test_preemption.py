@@ -1,0 +1,44 @@
+"""Preemption through the real CLI: SIGTERM / SIGUSR1 save a checkpoint at the current step, then resume."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import cli, small
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig):
+    run_dir = tmp_path / "pre"
+    args = small(f"paths.output_dir={tmp_path}", "run_name=pre", "callbacks=none", "checkpoint.every_n_steps=1000",
+                 "trainer.max_steps=100000", "logger=none")
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    # wait until training is under way (the first periodic checkpoint is far away: step 1000)
+    deadline = time.time() + 180
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Total params" in line or "Trainable params" in line:
+            break
+    time.sleep(4.0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + out
+    assert proc.returncode == 143, log[-3000:]
+    assert "preempted at step" in log
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 1000, "the checkpoint must come from the signal, not from the periodic schedule"
+    res = subprocess.run(cli(*[a for a in args if not a.startswith("trainer.max_steps")],
+                             f"trainer.max_steps={step + 2}"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at step {step}" in res.stdout + res.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == step + 2
