@@ -59,6 +59,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
         self._epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Give the data the model's tokenizer (must happen before ``setup``)."""
@@ -116,6 +117,9 @@ class ShardDataModule(L.LightningDataModule):
             min_size=self.min_size,
             epoch=self._current_epoch(),
         )
+        if self._resume is not None:  # the first epoch after a checkpoint restore continues mid-epoch
+            stream.resume_at(*self._resume)
+            self._resume = None
         return self._loader(stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -142,13 +146,28 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(stream, min(self.num_workers, len(self.val_url_list)))  # a worker per shard at most
 
     def state_dict(self) -> dict[str, Any]:
-        """Enough to check a resume uses the same stream; exact mid-epoch resume is future work."""
-        return {"seed": self.seed, "epoch": self._current_epoch()}
+        """Where the stream stands: its seed, epoch and the batches this rank consumed in that epoch.
+
+        Streams are deterministic per (seed, epoch, rank, worker), so these numbers are enough to resume
+        exactly: a resumed run sees the same samples in the same order as an uninterrupted one.
+        """
+        trainer = getattr(self, "trainer", None)
+        batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None else 0
+        return {"seed": self.seed, "epoch": self._current_epoch(), "batches_in_epoch": batches,
+                "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._epoch = int(state_dict.get("epoch", self._epoch))
         if int(state_dict.get("seed", self.seed)) != self.seed:
             log.warning("data: resuming with seed %s, checkpoint used %s", self.seed, state_dict["seed"])
+        batches = int(state_dict.get("batches_in_epoch", 0))
+        same_layout = (state_dict.get("steps_per_epoch") == self.steps_per_epoch
+                       and state_dict.get("num_workers", self.num_workers) == self.num_workers)
+        if batches and not same_layout:
+            log.warning("data: steps_per_epoch or num_workers changed since the checkpoint; the stream restarts "
+                        "epoch %d from its beginning instead of resuming it exactly", self._epoch)
+        elif batches and self.steps_per_epoch and batches < self.steps_per_epoch:
+            self._resume = (self._epoch, batches)
 
 
 def _plain(urls: Any) -> str | list[str] | None:

@@ -16,6 +16,7 @@ Three properties matter more than speed here:
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -147,7 +148,13 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.transform = ImageTransform(spec.resolution, spec.center_crop, spec.random_flip, spec.min_size)
         self.next_epoch = int(epoch)
+        self.resume_epoch: int | None = None
+        self.resume_batches = 0
         self._counter: SkipCounter | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Continue epoch `epoch` after the `batches` this rank already consumed (exact mid-epoch resume)."""
+        self.next_epoch, self.resume_epoch, self.resume_batches = int(epoch), int(epoch), int(batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``__iter__`` produce epoch ``epoch`` (e.g. after a resume)."""
@@ -166,14 +173,23 @@ class ShardStream(IterableDataset):
             self._counter = SkipCounter(f"rank {self.rank} worker {worker}")
         counter = self._counter
         counter.consecutive = 0
+        # Resuming mid-epoch: the DataLoader takes batches round-robin from workers 0, 1, ..., so batch i of an
+        # epoch comes from worker i % W. After `skip` batches, physical worker p plays logical worker
+        # (p + skip) % W, regenerates that worker's stream and drops the batches it had already served.
+        skip = self.resume_batches if epoch == self.resume_epoch else 0
+        logical = (worker + skip) % num_workers
+        done = batches_for_worker(skip, logical, num_workers)
         n_batches = None
         if self.spec.steps_per_epoch is not None:
-            n_batches = batches_for_worker(int(self.spec.steps_per_epoch), worker, num_workers)
-            if n_batches == 0:  # with_epoch(0) would mean "no limit" in webdataset
+            n_batches = batches_for_worker(int(self.spec.steps_per_epoch), logical, num_workers)
+            if n_batches - done <= 0:  # with_epoch(0) would mean "no limit" in webdataset
                 return iter(())
-        pipeline = self._pipeline(epoch, worker, num_workers, counter)
+        pipeline = self._pipeline(epoch, logical, num_workers, counter)
         if n_batches is not None:
             pipeline = pipeline.with_epoch(nbatches=n_batches)
+        if done:
+            log.info("data: resuming epoch %d of rank %d worker %d after %d batch(es)", epoch, self.rank, logical, done)
+            return itertools.islice(iter(pipeline), done, None)
         return iter(pipeline)
 
     def _pipeline(self, epoch: int, worker: int, num_workers: int, counter: SkipCounter) -> wds.DataPipeline:
@@ -192,7 +208,8 @@ class ShardStream(IterableDataset):
                     "(use resampled=true or write more shards)", len(urls), self.world_size, num_workers,
                 )
             split = partial(_split_by_rank, rank=self.rank, world=self.world_size)
-            shards = [wds.SimpleShardList(urls), split, wds.split_by_worker]
+            by_worker = partial(_split_by_rank, rank=worker, world=num_workers)  # the logical worker, see __iter__
+            shards = [wds.SimpleShardList(urls), split, by_worker]
         stages = [*shards, partial(tar_samples, handler=counter.read_handler)]
         if spec.shuffle_buffer > 1:
             rng = random.Random(derive_seed(*where, "shuffle"))

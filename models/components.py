@@ -98,7 +98,8 @@ def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Com
 
 def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int = 16,
                      prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
-                     seed: int = 0, gradient_checkpointing: bool = False) -> Components:
+                     seed: int = 0, gradient_checkpointing: bool = False,
+                     train_text_encoder: bool = False) -> Components:
     """The Hydra `model` group lands here: a local pretrained folder wins over the preset."""
     if pretrained:
         comps = load_pretrained(pretrained, prediction_type)
@@ -107,7 +108,7 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
         comps = Components(unet, text_encoder, tokenizer, make_scheduler(prediction_type, beta_schedule))
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
-    comps.text_encoder.requires_grad_(False)
+    comps.text_encoder.requires_grad_(train_text_encoder)
     if comps.vae is not None:
         comps.vae.requires_grad_(False)
     n = sum(p.numel() for p in comps.unet.parameters())

@@ -29,15 +29,12 @@ class Preset:
     text_heads: int
     max_length: int
     vocab_size: int
-    pooled_text_in_time_embedding: bool = False  # diffusers' addition_embed_type="text": global conditioning
 
 
 PRESETS: dict[str, Preset] = {
     # ~1 M parameters: learns the 16x16 digits on a 2-core CPU in minutes (see shared NOTES).
     "tiny_pixel": Preset((32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
                          ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 64, 2, 2, 16, 512),
-    "tiny_pixel_pooled": Preset((32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
-                                ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 64, 2, 2, 16, 512, True),
     # Test-sized: a forward pass in milliseconds.
     "micro": Preset((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"),
                     ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 16, 1, 2, 12, 300),
@@ -79,10 +76,7 @@ def build_text_encoder(p: Preset, tokenizer: PreTrainedTokenizerFast) -> CLIPTex
 
 
 def build_unet(p: Preset, resolution: int, in_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
-    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} \
-        if p.pooled_text_in_time_embedding else {}
     return UNet2DConditionModel(
-        **extra,
         sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
         block_out_channels=p.block_out_channels, down_block_types=p.down_block_types,
         up_block_types=p.up_block_types, layers_per_block=p.layers_per_block,

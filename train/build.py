@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.preemption import PreemptionCheckpoint
+from callbacks.last_checkpoint import LastCheckpoint
 from models.components import build_components
 from train.checkpoint import AtomicCheckpointIO
 from train.diffusion import DiffusionCore
@@ -47,7 +47,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
                          loss_type=cfg.loss.type)
     method = instantiate(cfg.method)
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
-                             lr_scheduler=_kwargs(cfg.lr_scheduler), **_kwargs(cfg.module))
+                             lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, **_kwargs(cfg.module))
     log.info("method %s, %d trainable parameters", method.name, sum(p.numel() for p in module.trainable_parameters()))
     return module
 
@@ -60,7 +60,7 @@ def build_datamodule(cfg: DictConfig, tokenizer) -> L.LightningDataModule:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(PreemptionCheckpoint())  # always on: a preempted run never loses more than a batch
+    callbacks.append(LastCheckpoint())  # always on: final state saved; a preempted run loses at most a batch
     callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
                                      auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
                                      save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max", save_last=True))

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
 
+from data.webdataset import derive_seed
 from models.components import Components
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
@@ -27,7 +28,7 @@ class NonFiniteError(RuntimeError):
 class DiffusionModule(L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
-                 max_nonfinite_steps: int = 5):
+                 max_nonfinite_steps: int = 5, seed: int = 0):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -38,6 +39,8 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-4})
         self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.seed = seed
+        self._generator: torch.Generator | None = None
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.skipped: Counter[str] = Counter()
@@ -57,12 +60,26 @@ class DiffusionModule(L.LightningModule):
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.text_encoder(input_ids)[0]
 
+    @property
+    def noise_generator(self) -> torch.Generator:
+        """The RNG methods draw noise and timesteps from, reseeded per micro-batch in `training_step`.
+
+        Its seed is a function of (seed, rank, epoch, batch index), all of which a checkpoint restores, so a
+        resumed run draws exactly the noise an uninterrupted one would, on any number of ranks, and nothing
+        else that touches the global RNG (DataLoader start-up, sampling callbacks) can shift it.
+        """
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        return self._generator
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     # ----- the loop -----
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         self._account_skipped(batch.get("skipped") or {})
+        self.noise_generator.manual_seed(
+            derive_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
         out = self.method.loss(batch, self)
         loss = out["loss"].mean()
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM (and SIGUSR1 outside SLURM) saves `last.ckpt` at the next batch boundary, then exits.
+"""`last.ckpt` always holds the newest state: written at the end of training (whatever the checkpoint
+interval), and on preemption: SIGTERM (and SIGUSR1 outside SLURM) saves it at the next batch boundary, then exits.
 
 Lightning turns SIGTERM into a `SIGTERMException` after the current batch (every rank at once) and calls
 `on_exception`; the state is consistent there, so the checkpoint resumes exactly. Under SLURM with
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 log = logging.getLogger(__name__)
 
 
-class PreemptionCheckpoint(L.Callback):
+class LastCheckpoint(L.Callback):
     def __init__(self) -> None:
         self.saved_path: Path | None = None
         self._previous = None
@@ -38,14 +39,22 @@ class PreemptionCheckpoint(L.Callback):
         except ValueError:  # not the main thread (e.g. an interactive tool): leave signals alone
             self._previous = None
 
-    def on_exception(self, trainer, module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+    def _save(self, trainer) -> Path:
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
+        periodic = trainer.checkpoint_callback
+        if periodic is None or getattr(periodic, "_last_global_step_saved", -1) != trainer.global_step:
+            trainer.save_checkpoint(path)
         self.saved_path = path
-        log.warning("preempted at step %d: saved %s; relaunch with the same run_name to resume",
-                    trainer.global_step, path)
+        return path
+
+    def on_train_end(self, trainer, module) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            path = self._save(trainer)
+            log.warning("preempted at step %d: saved %s; relaunch with the same run_name to resume",
+                        trainer.global_step, path)
 
     def teardown(self, trainer, module, stage: str) -> None:
         if self._previous is not None:
