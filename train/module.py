@@ -125,6 +125,8 @@ class DiffusionModule(L.LightningModule):
         for reason, n in skipped.items():
             self.skipped[reason] += int(n)
         self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
+        for reason in skipped:  # per reason, so a user sees *why* data is being dropped
+            self.log(f"data/skipped/{reason}", float(self.skipped[reason]), reduce_fx="sum", sync_dist=True)
         for reason, n in skipped.items():
             if n:
                 log.warning("skipped %d corrupt sample(s) (%s); %d so far", n, reason, sum(self.skipped.values()))

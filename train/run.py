@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from train.build import build_datamodule, build_module, build_trainer, resolved_config
 from train.checkpoint import resolve_ckpt_path
+from train.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def current_run_dir(cfg: DictConfig) -> Path:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg)  # bad values fail here, in one line, before any model or worker is built
     run_dir = current_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -15,8 +15,12 @@ from tests.conftest import cli, small
 pytestmark = pytest.mark.integration
 
 
+SECRET = "local-0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key; must never be written anywhere
+
+
 def run_cli(*args, timeout=300):
-    return subprocess.run(cli(*small(*args)), capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    env = {**os.environ, "WANDB_API_KEY": SECRET}
+    return subprocess.run(cli(*small(*args)), capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def summary(run_dir: Path) -> dict:
@@ -35,6 +39,8 @@ def test_train_resume_and_export_end_to_end(tmp_path):
     assert s["global_step"] == 4 and s["resumed_from"] is None
     assert 0.0 <= s["val/prompt_accuracy"] <= 1.0 and "val/frechet" in s
     assert (run_dir / "eval" / "digits_step_000004.json").is_file()
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked and SECRET not in res.stdout + res.stderr, f"W&B key written to {leaked}"
 
     # Re-launching the same run name resumes from last.ckpt and continues the step count.
     res = run_cli(f"paths.output_dir={tmp_path}", "run_name=e2e", "trainer.max_steps=6", "logger=csv")

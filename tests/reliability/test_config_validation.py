@@ -1,0 +1,28 @@
+"""Bad configuration is rejected before any heavy work, with one line naming the key."""
+import pytest
+
+from tests.conftest import compose
+from train.validate import ConfigError, validate
+
+
+def test_the_default_and_test_configs_are_valid():
+    validate(compose([]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.max_steps=ten", "trainer.max_steps"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("data.batch_size=-4", "data.batch_size"),
+    ("data.caption_dropout=1.5", "data.caption_dropout"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps"),
+    ("data.steps_per_epoch=null", "data.resampled=true needs data.steps_per_epoch"),
+    ("lr_scheduler.warmup_steps=100", "lr_scheduler.warmup_steps=100 >= trainer.max_steps=4"),
+    ("run_name=a/b", "run_name"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([override]))
+    message = str(err.value)
+    assert key in message and "\n" not in message
