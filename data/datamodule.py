@@ -14,7 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data.digits import ensure_digits_shards
-from data.webdataset import StreamLoader, build_stream, expand_urls
+from data.webdataset import ShardStream, StreamLoader, build_stream, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,10 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_urls is None:
-            self.setup("fit")
-        assert self.train_urls is not None
-        stream = build_stream(
-            self.train_urls,
+    def build_train_stream(self, urls: list[str], seed: int | None = None) -> ShardStream:
+        """A training stream over `urls` with this module's settings (subclasses mix several of these)."""
+        return build_stream(
+            urls,
             tokenizer=self.tokenizer,
             resolution=self.resolution,
             batch_size=self.batch_size,
@@ -113,10 +111,16 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
             steps_per_epoch=self.steps_per_epoch,
-            seed=self.seed,
+            seed=self.seed if seed is None else seed,
             min_size=self.min_size,
             epoch=self._current_epoch(),
         )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_urls is None:
+            self.setup("fit")
+        assert self.train_urls is not None
+        stream = self.build_train_stream(self.train_urls)
         if self._resume is not None:  # the first epoch after a checkpoint restore continues mid-epoch
             stream.resume_at(*self._resume)
             self._resume = None

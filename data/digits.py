@@ -58,6 +58,20 @@ def digit_images(resolution: int = 16) -> tuple[list[Image.Image], np.ndarray]:
     return images, np.asarray(digits.target, dtype=np.int64)
 
 
+def parse_digits(text: str) -> list[int]:
+    """'0-8' or '1,3,5' -> sorted digit list; one-line error otherwise."""
+    out: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"digits '{text}': expected a range like 0-8 or a list like 1,3,5") from None
+    if not out or min(out) < 0 or max(out) > 9:
+        raise ValueError(f"digits '{text}': digits are 0..9")
+    return sorted(out)
+
+
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -74,8 +88,11 @@ def write_digits_shards(
     maxcount: int = 256,
     seed: int = 0,
     overwrite: bool = True,
+    digits: list[int] | None = None,
 ) -> list[str]:
     """Write the digits as WebDataset shards into ``out_dir``; return the shard paths.
+
+    ``digits`` keeps only those labels (e.g. a base model that never saw a nine, for the DreamBooth demo).
 
     Shards are written into a sibling temp dir and renamed into place. With
     ``overwrite=False`` an existing complete ``out_dir`` wins (the race
@@ -96,6 +113,8 @@ def write_digits_shards(
         with wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=maxcount, verbose=0, encoder=False, mtime=0) as sink:
             for i, (img, label) in enumerate(zip(images, labels, strict=True)):
                 template = rng.randrange(len(CAPTION_TEMPLATES))
+                if digits is not None and int(label) not in digits:
+                    continue
                 meta = {"label": int(label), "index": i, "template": template}
                 sink.write(
                     {

@@ -60,6 +60,16 @@ class WriteSummary:
         return text
 
 
+def count_samples(shards: list[str]) -> int:
+    import tarfile
+
+    keys = set()
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            keys.update((shard, m.name.split(".", 1)[0]) for m in tar.getmembers())
+    return len(keys)
+
+
 def _shard_span(shards: list[str]) -> str:
     return shards[0] if len(shards) == 1 else f"{shards[0]} .. {Path(shards[-1]).name}"
 
@@ -141,11 +151,13 @@ def write_folder_shards(
     maxcount: int = 1000,
     prefix: str = "shard",
     overwrite: bool = False,
+    caption: str | None = None,
 ) -> WriteSummary:
     """Convert an image folder into ``{prefix}-000000.tar``... in ``out_dir``.
 
     Shards are written to a temp dir first and moved in only when complete, so
     an interrupted run leaves no partial shard for a training glob to pick up.
+    ``caption`` gives every image the same caption (DreamBooth instance/class images).
     """
     import webdataset as wds
 
@@ -155,6 +167,8 @@ def write_folder_shards(
         raise ValueError(f"foundry-shards folder: --prefix {prefix!r} may not contain / . {{ }} * ?; use e.g. 'shard'")
     out = Path(out_dir).expanduser().resolve()
     records = find_records(folder, exclude=out)
+    if caption is not None:
+        records = [Record(r.path, caption, r.meta) for r in records]
     existing = sorted(out.glob(f"{prefix}-*.tar")) if out.is_dir() else []
     if existing and not overwrite:
         raise ValueError(
@@ -223,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument("--out", default=None, help="output dir (default: the digits cache, see FOUNDRY_CACHE)")
     digits.add_argument("--resolution", type=int, default=16, help="image size, 16 (default) or 32")
     digits.add_argument("--maxcount", type=int, default=256, help="samples per shard")
+    digits.add_argument("--digits", default=None, help="only these digits, e.g. 0-8 or 1,3,5 (default: all ten)")
     folder = sub.add_parser("folder", help="a folder of images with .txt captions, or metadata.jsonl/csv")
     folder.add_argument("path", help="the image folder")
     folder.add_argument("--out", required=True, help="output dir for the shards")
@@ -241,9 +256,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.resolution < 8 or args.maxcount <= 0:
                 raise ValueError("foundry-shards digits: --resolution must be >= 8 and --maxcount positive")
+            from data.digits import parse_digits
+
+            subset = parse_digits(args.digits) if args.digits else None
+            if subset is not None and not args.out:
+                raise ValueError("foundry-shards digits: --digits needs --out (the default cache holds all ten)")
             out = Path(args.out).expanduser() if args.out else default_digits_dir(args.resolution)
-            shards = write_digits_shards(out, resolution=args.resolution, maxcount=args.maxcount)
-            summary = WriteSummary(shards=shards, written=NUM_DIGITS, skipped={})
+            shards = write_digits_shards(out, resolution=args.resolution, maxcount=args.maxcount, digits=subset)
+            summary = WriteSummary(shards=shards, written=count_samples(shards) if subset else NUM_DIGITS, skipped={})
             print(summary.line("digits", out))
         else:
             summary = write_folder_shards(args.path, args.out, args.maxcount, args.prefix, args.overwrite)

@@ -286,7 +286,7 @@ class StreamLoader(DataLoader):
 
     def __iter__(self):  # type: ignore[override]
         iterator = super().__iter__()
-        if self.num_workers > 0 and not self.persistent_workers and isinstance(self.dataset, ShardStream):
+        if self.num_workers > 0 and not self.persistent_workers and hasattr(self.dataset, "next_epoch"):
             self.dataset.next_epoch += 1
         return iterator
 

@@ -79,13 +79,20 @@ def check_pretrained_folder(path: str | Path) -> Path:
     return p
 
 
+def with_prediction_type(scheduler: DDPMScheduler, prediction_type: str | None) -> DDPMScheduler:
+    """The same noise schedule with another objective (e.g. fine-tuning an epsilon model into v-prediction)."""
+    if prediction_type and prediction_type != scheduler.config.prediction_type:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"model.prediction_type: '{prediction_type}' is not one of {PREDICTION_TYPES}")
+        log.info("switching prediction_type %s -> %s", scheduler.config.prediction_type, prediction_type)
+        return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    return scheduler
+
+
 def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Components:
     """Load components from a local diffusers folder (Stable Diffusion layout or our own exports)."""
     p = check_pretrained_folder(path)
-    scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
-    if prediction_type and prediction_type != scheduler.config.prediction_type:
-        log.info("switching prediction_type %s -> %s", scheduler.config.prediction_type, prediction_type)
-        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    scheduler = with_prediction_type(DDPMScheduler.from_pretrained(p, subfolder="scheduler"), prediction_type)
     vae = AutoencoderKL.from_pretrained(p, subfolder="vae") if (p / "vae").is_dir() else None
     return Components(
         unet=UNet2DConditionModel.from_pretrained(p, subfolder="unet"),
@@ -96,15 +103,21 @@ def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Com
     )
 
 
-def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int = 16,
+def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int | None = None,
                      prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
                      seed: int = 0, gradient_checkpointing: bool = False,
-                     train_text_encoder: bool = False) -> Components:
-    """The Hydra `model` group lands here: a local pretrained folder wins over the preset."""
-    if pretrained:
+                     train_text_encoder: bool = False, base: Components | None = None) -> Components:
+    """The Hydra `model` group lands here: `base` (already loaded, e.g. from a checkpoint) wins, then a local
+    pretrained folder, then the preset."""
+    if base is not None:
+        comps = base
+        comps.scheduler = with_prediction_type(comps.scheduler, prediction_type)
+        for model in (comps.unet, comps.text_encoder):
+            model.requires_grad_(True)
+    elif pretrained:
         comps = load_pretrained(pretrained, prediction_type)
     else:
-        unet, text_encoder, tokenizer = build_preset(preset, resolution, seed=seed)
+        unet, text_encoder, tokenizer = build_preset(preset, resolution or 16, seed=seed)
         comps = Components(unet, text_encoder, tokenizer, make_scheduler(prediction_type, beta_schedule))
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
@@ -112,7 +125,8 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     if comps.vae is not None:
         comps.vae.requires_grad_(False)
     n = sum(p.numel() for p in comps.unet.parameters())
-    log.info("built model: %s, UNet %.2fM params, %s space %dx%d, %s", pretrained or f"preset {preset}", n / 1e6,
+    source = "a checkpoint's model" if base is not None else (pretrained or f"preset {preset}")
+    log.info("built model: %s, UNet %.2fM params, %s space %dx%d, %s", source, n / 1e6,
              "latent" if comps.vae is not None else "pixel", comps.resolution, comps.resolution,
              comps.scheduler.config.prediction_type)
     return comps

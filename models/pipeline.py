@@ -12,11 +12,13 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
-class FoundryPixelPipeline(DiffusionPipeline):
-    """Same call signature as StableDiffusionPipeline, so tools written for SD pipelines work on it."""
+class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Same call signature as StableDiffusionPipeline, so tools written for SD pipelines work on it; LoRA files
+    load with `load_lora_weights` exactly as on Stable Diffusion."""
 
     model_cpu_offload_seq = "text_encoder->unet"
 

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.last_checkpoint import LastCheckpoint
-from models.components import build_components
-from train.checkpoint import AtomicCheckpointIO
+from models.adapters import AdapterSpec, apply_adapter
+from models.components import Components, build_components
+from train.checkpoint import AtomicCheckpointIO, is_training_checkpoint, load_components
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule
 
@@ -40,26 +41,51 @@ def _kwargs(node: DictConfig | None) -> dict[str, Any]:
     return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
 
 
+def build_model(cfg: DictConfig) -> Components:
+    """The `model` group -> components; `model.pretrained` may be a diffusers folder, a .ckpt or a run directory
+    (continued training and fine-tuning start from a foundry run without an export step). Then the adapter."""
+    kwargs = _kwargs(cfg.model)
+    pretrained = kwargs.get("pretrained")
+    if pretrained and is_training_checkpoint(pretrained):
+        kwargs["base"], kwargs["pretrained"] = load_components(pretrained, use_ema=True), None
+    components = build_components(**kwargs)
+    apply_adapter(components, adapter_spec(cfg))
+    return components
+
+
+def adapter_spec(cfg: DictConfig) -> AdapterSpec:
+    return AdapterSpec(**_kwargs(cfg.get("adapter"))) if cfg.get("adapter") else AdapterSpec()
+
+
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """Components + core + method -> the LightningModule (also used to rebuild from a checkpoint)."""
-    components = build_components(**_kwargs(cfg.model))
+    components = build_model(cfg)
     core = DiffusionCore(components.scheduler, min_snr_gamma=cfg.loss.min_snr_gamma, offset_noise=cfg.loss.offset_noise,
                          loss_type=cfg.loss.type)
-    method = instantiate(cfg.method)
+    method = instantiate(cfg.method, _convert_="all")
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
                              lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, **_kwargs(cfg.module))
     log.info("method %s, %d trainable parameters", method.name, sum(p.numel() for p in module.trainable_parameters()))
     return module
 
 
-def build_datamodule(cfg: DictConfig, tokenizer) -> L.LightningDataModule:
-    datamodule = instantiate(cfg.data)
-    datamodule.set_tokenizer(tokenizer)
+def build_datamodule(cfg: DictConfig, module: DiffusionModule) -> L.LightningDataModule:
+    """The data group; data that needs the model (DreamBooth class images, rollout prompts) gets it here."""
+    native = {"resolution": module.components.resolution} if cfg.data.get("resolution") is None else {}
+    datamodule = instantiate(cfg.data, _convert_="all", **native)  # resolution null: the model's native size;
+    # _convert_=all: plain containers, so checkpoints (which store the data hyperparameters) load weights-only
+    datamodule.set_tokenizer(module.components.tokenizer)
+    if hasattr(datamodule, "attach_model"):
+        datamodule.attach_model(module)
     return datamodule
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = []
+    for node in (cfg.get("callbacks") or {}).values():  # `enabled: false` switches one off, keeping its settings
+        node = OmegaConf.to_container(node, resolve=True) if node is not None else None
+        if node is not None and node.pop("enabled", True):
+            callbacks.append(instantiate(node))
     callbacks.append(LastCheckpoint())  # always on: final state saved; a preempted run loses at most a batch
     callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
                                      auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,

@@ -71,6 +71,7 @@ def load_module(path: str | Path, use_ema: bool = True):
     from omegaconf import OmegaConf
 
     from train.build import build_module
+    from train.module import check_state_dict
 
     ckpt = read_checkpoint(path)
     cfg_dict = ckpt.get("foundry", {}).get("config")
@@ -78,7 +79,8 @@ def load_module(path: str | Path, use_ema: bool = True):
         raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
     cfg = OmegaConf.create(cfg_dict)
     module = build_module(cfg)
-    module.load_state_dict(ckpt["state_dict"])
+    check_state_dict(module, ckpt["state_dict"], ckpt["foundry"].get("frozen_fingerprint"))
+    module.load_state_dict(ckpt["state_dict"], strict=False)
     ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA")), None)
     if use_ema and ema_state and ema_state.get("shadow_params"):
         params = module.trainable_parameters()
@@ -89,14 +91,44 @@ def load_module(path: str | Path, use_ema: bool = True):
     return module, cfg
 
 
-def load_components(path: str | Path, use_ema: bool = True):
-    """Components from a .ckpt or from a diffusers folder (exported or pretrained)."""
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a .ckpt, or a run directory (its checkpoints/last.ckpt)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file():
+        return p / "checkpoints" / "last.ckpt"
+    if p.is_file():
+        return p
+    raise FileNotFoundError(f"no checkpoint at '{p}'; give a .ckpt or a run directory with checkpoints/last.ckpt")
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A .ckpt file or a run directory (as opposed to a diffusers folder)."""
+    p = Path(path).expanduser()
+    return p.is_file() or (p / "checkpoints" / "last.ckpt").is_file()
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    return Path(path).expanduser().is_dir() and (Path(path).expanduser() / "unet").is_dir()
+
+
+def load_components(path: str | Path, use_ema: bool = True, merge: bool = True):
+    """Components from a .ckpt, a run directory, or a diffusers folder (exported or pretrained).
+
+    A checkpoint trained with an adapter comes back with the adapter folded into the weights (`merge`), so the
+    result is a plain model: what a sampler, an export or the next run's base expects.
+    """
+    from models.adapters import has_peft_adapter, merge_adapters
     from models.components import load_pretrained
 
-    if Path(path).is_dir():
+    if is_diffusers_folder(path):
         return load_pretrained(path)
-    module, _ = load_module(path, use_ema)
-    return module.components
+    module, _ = load_module(find_checkpoint(path), use_ema)
+    comps = module.components
+    if merge:
+        for model in (comps.unet, comps.text_encoder):
+            if has_peft_adapter(model):
+                merge_adapters(model)
+    return comps
 
 
 def load_pipeline(path: str | Path, use_ema: bool = True, sampler: str = "ddim"):

@@ -38,8 +38,9 @@ def generate_digits(pipe, n_per_digit: int, guidance_scale: float, steps: int, s
 
 
 def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0, 3.0, 5.0), n_per_digit: int = 20,
-                    steps: int = 25, seed: int = 1234) -> dict[str, float]:
-    """`val/prompt_accuracy` is the best over the scales; every scale is reported too."""
+                    steps: int = 25, seed: int = 1234, digits: tuple[int, ...] = tuple(range(10))) -> dict[str, float]:
+    """`val/prompt_accuracy` is the best over the scales; every scale is reported too. `digits` restricts the
+    prompts (e.g. to the digits a DreamBooth base knew, to measure prior preservation)."""
     judge = judge or DigitJudge.cached()
     resolution = pipe.unet.config.sample_size
     real = real_digit_features(judge, resolution=resolution)
@@ -47,7 +48,7 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
     best = (-1.0, None)
     for g in guidance_scales:
         t0 = time.perf_counter()
-        images, labels = generate_digits(pipe, n_per_digit, g, steps, seed)
+        images, labels = generate_digits(pipe, n_per_digit, g, steps, seed, digits=tuple(digits))
         acc = prompt_accuracy(judge, images, labels)
         fd = frechet_distance(judge.features(images), real)
         metrics[f"val/prompt_accuracy_g{g:g}"] = acc
@@ -60,6 +61,17 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
     metrics["val/best_guidance"] = float(best[1])
     metrics["val/frechet"] = metrics[f"val/frechet_g{best[1]:g}"]
     return metrics
+
+
+@torch.no_grad()
+def prompt_share(pipe, prompt: str, label: int, n: int = 100, guidance_scale: float = 3.0, steps: int = 25,
+                 seed: int = 4321, judge: DigitJudge | None = None) -> float:
+    """Share of `n` samples of an arbitrary prompt the judge calls `label` (DreamBooth subject fidelity)."""
+    judge = judge or DigitJudge.cached()
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    images = pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                  output_type="pt").images.float().cpu() * 2 - 1
+    return prompt_accuracy(judge, images, np.full(n, label))
 
 
 def main(argv: list[str] | None = None) -> int:

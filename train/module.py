@@ -5,15 +5,20 @@ accounting. EMA, sampling, evaluation and throughput live in callbacks.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import logging
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
 
 from data.webdataset import derive_seed
+from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
@@ -23,6 +28,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Raised after too many consecutive non-finite steps; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class Reference:
+    """The frozen base model, as `with module.reference() as ref:` hands it to a method (no gradients)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
 
 
 class DiffusionModule(L.LightningModule):
@@ -45,6 +61,11 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite_total = 0
         self.skipped: Counter[str] = Counter()
         self.run_config: dict[str, Any] | None = None  # the resolved run config, saved in every checkpoint
+        # Frozen weights are rebuilt from the config (preset seed or local folder), not stored in checkpoints, so a
+        # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
+        self.strict_loading = False
+        self._frozen_fingerprint = self.frozen_fingerprint()
+        self._reference_copy: dict[str, torch.nn.Module] = {}  # a plain dict: not a submodule, not in any engine
         method.setup(self)
 
     # ----- encoders shared by every method -----
@@ -74,6 +95,36 @@ class DiffusionModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- the frozen reference (DPO, SPIN, erasure, distillation teachers) -----
+    def require_reference(self) -> None:
+        """Called by a method's `setup` when it needs the frozen base. With an adapter, the base is the same weights
+        with the adapter switched off (no copy); otherwise a frozen copy is made now, before any training step."""
+        if self.has_adapter or self._reference_copy:
+            return
+        self._reference_copy["unet"] = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        trains_text = any(p.requires_grad for p in self.text_encoder.parameters())
+        self._reference_copy["text_encoder"] = (copy.deepcopy(self.text_encoder).requires_grad_(False).eval()
+                                                if trains_text else self.text_encoder)
+
+    @property
+    def has_adapter(self) -> bool:
+        return has_peft_adapter(self.unet) or has_peft_adapter(self.text_encoder)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Reference]:
+        """The frozen base for the block: `with module.reference() as ref: ref.unet(...)`."""
+        if self.has_adapter:
+            with adapters_disabled(self.unet, self.text_encoder), torch.no_grad():
+                yield Reference(self.unet, self.text_encoder)
+            return
+        if not self._reference_copy:
+            raise RuntimeError("module.reference(): the method must call module.require_reference() in its setup")
+        for name, model in self._reference_copy.items():
+            if next(model.parameters()).device != self.device:
+                self._reference_copy[name] = model.to(self.device)
+        with torch.no_grad():
+            yield Reference(self._reference_copy["unet"], self._reference_copy["text_encoder"])
 
     # ----- the loop -----
     def training_step(self, batch: dict[str, Any], batch_idx: int):
@@ -157,11 +208,38 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- state that must survive resume -----
+    def frozen_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if not p.requires_grad}
+
+    def frozen_fingerprint(self) -> str:
+        """A cheap digest of the frozen weights (per-tensor sums), to refuse resuming onto a different base."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.named_parameters()):
+            if not p.requires_grad:
+                t = p.detach().double()
+                h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float((t * t).sum()):.6e}".encode())
+        return h.hexdigest()[:16]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["foundry"] = {"skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
-                                 "config": self.run_config}
+                                 "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
+
+
+def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], fingerprint: str | None) -> None:
+    """A checkpoint must hold every trainable tensor; the frozen ones come from the rebuilt base, which must match."""
+    frozen = module.frozen_keys()
+    missing = [k for k, _ in module.named_parameters() if k not in state_dict and k not in frozen]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensor(s) (e.g. '{missing[0]}'): it was written "
+                         "by a run with other adapter/model settings; resume with the same model and adapter config")
+    if fingerprint and fingerprint != module._frozen_fingerprint:
+        raise ValueError("checkpoint: the frozen base weights differ from the ones this checkpoint was trained on "
+                         "(model.pretrained changed on disk, or another preset/seed); point model.* at the same base")

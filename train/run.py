@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     module.run_config = resolved_config(cfg)
-    datamodule = build_datamodule(cfg, module.components.tokenizer)
+    datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")  # bad shard paths fail here, before the trainer starts any worker
     trainer = build_trainer(cfg, run_dir)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)

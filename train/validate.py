@@ -53,7 +53,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "data.num_workers", lambda v: _int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "data.caption_dropout", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
     _check(cfg, "data.steps_per_epoch", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
-    _check(cfg, "data.resolution", lambda v: _int(v) and v > 0, "a positive integer (pixels)")
+    _check(cfg, "data.resolution", lambda v: _int(v) and v > 0, "a positive integer (pixels) or null (the model's)",
+           optional=True)
     _check(cfg, "optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
     _check(cfg, "lr_scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "checkpoint.every_n_steps", lambda v: _int(v) and v > 0, "a positive integer")

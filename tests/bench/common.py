@@ -1,0 +1,51 @@
+"""Shared helpers for the digits-world proof scripts: run the real CLI, time it, score checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) -> dict:
+    """`foundry-train` through the real CLI; returns summary.json plus the wall-clock, fails loudly."""
+    cmd = [sys.executable, "-m", "train.main", f"paths.output_dir={out}", f"run_name={run_name}", "logger=csv",
+           "trainer.enable_progress_bar=false", *overrides]
+    t0 = time.perf_counter()
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    with open(log or out / f"{run_name}.log", "w") as f:
+        res = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"training failed ({res.returncode}): {' '.join(cmd)}; see {log or out / f'{run_name}.log'}")
+    summary = json.loads((out / run_name / "summary.json").read_text())
+    summary["wall_seconds"] = round(wall, 1)
+    summary["command"] = "foundry-train " + " ".join(overrides)
+    return summary
+
+
+def pipeline(ckpt: str | Path, use_ema: bool = True):
+    from train.checkpoint import load_pipeline
+
+    return load_pipeline(ckpt, use_ema=use_ema)
+
+
+def digits_metrics(pipe, guidance_scales=(1.0, 2.0, 3.0, 4.0), n_per_digit: int = 20, digits=tuple(range(10)),
+                   steps: int = 25, seed: int = 1234) -> dict:
+    from train.evaluate import evaluate_digits
+
+    m = evaluate_digits(pipe, guidance_scales=guidance_scales, n_per_digit=n_per_digit, digits=tuple(digits),
+                        steps=steps, seed=seed)
+    return {k.removeprefix("val/"): round(v, 4) for k, v in m.items()}
+
+
+def dump(result: dict, out: Path | None = None) -> None:
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if out is not None:
+        out.write_text(text)

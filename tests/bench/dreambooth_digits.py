@@ -1,0 +1,86 @@
+"""DreamBooth on the digits world: a base model that never saw a nine learns "a handwritten digit sks" from 5 nines.
+
+1. Shards of the digits 0-8 only, and a base model trained on them (or `--base RUN_DIR` to reuse one).
+2. Five real nines as the instance folder (16x16 PNGs, exactly what a user's photo folder is to SD).
+3. DreamBooth through the real CLI (`experiment=dreambooth_lora` by default), with and without prior preservation.
+4. Subject fidelity: the share of "a handwritten digit sks" samples the digit judge calls nine.
+   Prior preservation: prompt accuracy on "a handwritten digit k", k = 0..8, before vs after.
+
+    python tests/bench/dreambooth_digits.py --out /tmp/db [--base RUN_DIR] [--experiment dreambooth_lora]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from common import ROOT, digits_metrics, dump, pipeline, train
+
+INSTANCE_PROMPT = "a handwritten digit sks"
+CLASS_PROMPT = "a handwritten digit"
+GUIDANCE = (1.0, 2.0, 3.0, 4.0)
+
+
+def write_instance_images(folder: Path, n: int = 5) -> None:
+    from data.digits import digit_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = digit_images(16)
+    nines = [img for img, label in zip(images, labels) if label == 9][-n:]  # the last nines: fixed, reproducible
+    for i, img in enumerate(nines):
+        img.save(folder / f"nine_{i}.png")
+
+
+def fidelity(pipe) -> dict:
+    from train.evaluate import prompt_share
+
+    return {f"g{g:g}": round(prompt_share(pipe, INSTANCE_PROMPT, 9, n=100, guidance_scale=g), 3) for g in GUIDANCE}
+
+
+def scores(run_or_ckpt) -> dict:
+    pipe = pipeline(Path(run_or_ckpt) / "checkpoints" / "last.ckpt" if Path(run_or_ckpt).is_dir() else run_or_ckpt)
+    prior = digits_metrics(pipe, GUIDANCE, n_per_digit=20, digits=range(9))
+    return {"fidelity_nine": fidelity(pipe), "prior_accuracy_0_8": prior["prompt_accuracy"],
+            "prior_accuracy_by_guidance": {k: v for k, v in prior.items() if k.startswith("prompt_accuracy_g")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--base", type=Path, help="reuse a base run directory trained on digits 0-8")
+    ap.add_argument("--base-steps", type=int, default=1500)
+    ap.add_argument("--experiment", default="dreambooth_lora")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--extra", nargs="*", default=[], help="more overrides for the DreamBooth runs")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"benchmark": "dreambooth_digits", "experiment": args.experiment}
+
+    base = args.base
+    if base is None:
+        shards = args.out / "shards-0-8"
+        subprocess.run([sys.executable, "-m", "data.shards", "digits", "--digits", "0-8", "--out", str(shards)],
+                       cwd=ROOT, check=True)
+        s = train(args.out, "base-0-8", f"data.urls={shards}", f"trainer.max_steps={args.base_steps}",
+                  "callbacks.digits_eval.enabled=false")
+        result["base_train_seconds"] = s["wall_seconds"]
+        base = args.out / "base-0-8"
+    result["base"] = str(base)
+    result["before"] = scores(base)
+
+    instance = args.out / "instance"
+    write_instance_images(instance)
+    for name, prior in (("with_prior", True), ("without_prior", False)):
+        s = train(args.out, f"db-{name}", f"experiment={args.experiment}", f"model.pretrained={base}",
+                  f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT}",
+                  f"data.class_prompt={CLASS_PROMPT}", f"data.prior_preservation={str(prior).lower()}",
+                  f"data.class_dir={args.out / 'class_images'}", "data.num_class_images=200",
+                  f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8", *args.extra)
+        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}")}
+    dump(result, args.out / "dreambooth_digits.json")
+
+
+if __name__ == "__main__":
+    main()
