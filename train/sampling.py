@@ -1,0 +1,124 @@
+"""Training-time sampling: DDIM steps with log-probabilities, guided predictions, trajectories with or without grads.
+
+The evaluator and exports sample through diffusers pipelines (models/pipeline.py). Methods that learn *from*
+sampling need more than a pipeline gives: the log-probability of each stochastic DDIM transition (DDPO), gradients
+through the last K steps (reward backprop, DRaFT-K/AlignProp), intermediate states (concept erasure, couplings,
+distillation targets). This module is that, once. Its DDIM step is diffusers' `DDIMScheduler.step` math (same
+timesteps, same x0 clipping rule, same noise scaling), tested to give the same `prev_sample` for the same noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (eps or v)
+
+
+def ddim_scheduler(train_scheduler, steps: int, clip_sample: bool) -> DDIMScheduler:
+    """The DDIM sampler sharing the training noise schedule (as models/export.make_sampler builds it)."""
+    sched = DDIMScheduler.from_config(train_scheduler.config, clip_sample=clip_sample)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def guided(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+           scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance in one batched forward; `scale` may be per sample ([B]); no uncond: no guidance."""
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if uncond is None:
+        return unet(x, t, encoder_hidden_states=cond).sample
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    u, c = out.chunk(2)
+    s = scale if not torch.is_tensor(scale) or scale.ndim == 0 else scale.view(-1, *([1] * (x.ndim - 1)))
+    return u + s * (c - u)
+
+
+@dataclass
+class StepOut:
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor          # [B]-broadcastable scalar std of the transition (0 when eta = 0)
+    pred_x0: torch.Tensor
+    log_prob: torch.Tensor     # [B]: log N(prev_sample; mean, std^2), mean over dimensions (DDPO's convention)
+
+
+def ddim_step(sched: DDIMScheduler, model_output: torch.Tensor, t: int, x_t: torch.Tensor, eta: float = 0.0,
+              generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> StepOut:
+    """One DDIM transition x_t -> x_prev, with the log-probability of `prev_sample` (given or drawn)."""
+    prev_t = t - sched.config.num_train_timesteps // sched.num_inference_steps
+    acp = sched.alphas_cumprod.to(x_t.device, torch.float32)
+    a_t = acp[t]
+    a_prev = acp[prev_t] if prev_t >= 0 else torch.as_tensor(sched.final_alpha_cumprod, device=x_t.device)
+    out = model_output.float()
+    x = x_t.float()
+    if sched.config.prediction_type == "epsilon":
+        x0, eps = (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    elif sched.config.prediction_type == "v_prediction":
+        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    else:
+        raise ValueError(f"ddim_step: prediction_type '{sched.config.prediction_type}' is not epsilon/v_prediction")
+    if sched.config.clip_sample:
+        x0 = x0.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp_min(0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+    if prev_sample is None:
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            prev_sample = mean + std * noise
+        else:
+            prev_sample = mean
+    log_prob = gaussian_log_prob(prev_sample.float(), mean, std)
+    return StepOut(prev_sample.to(x_t.dtype), mean, std, x0, log_prob)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I), averaged over every dimension but the batch; 0 for a deterministic step."""
+    if float(std) == 0.0:
+        return torch.zeros(x.shape[0], device=x.device)
+    lp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+@dataclass
+class Trajectory:
+    """What a sampled batch leaves behind: states x_T..x_0 ([B, S+1, ...]), per-step log-probs ([B, S]) and the
+    timesteps ([S]); enough to re-score any transition under an updated policy (DDPO)."""
+
+    states: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    final: torch.Tensor | None = None  # x_0 with its autograd graph when sampled with grad_last > 0
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.states[:, -1]
+
+
+def sample(predict: Predict, sched: DDIMScheduler, x_T: torch.Tensor, eta: float = 0.0,
+           generator: torch.Generator | None = None, grad_last: int = 0, keep_states: bool = False,
+           stop_at: int | None = None) -> Trajectory:
+    """Run the DDIM chain from `x_T`.
+
+    grad_last=K keeps the autograd graph through the last K steps only (DRaFT-K); the earlier steps run without
+    grads. keep_states records every state (DDPO). stop_at=i stops after i steps (an intermediate x_t).
+    """
+    timesteps = sched.timesteps
+    n = len(timesteps) if stop_at is None else int(stop_at)
+    x, states, log_probs = x_T, [x_T.detach()], []
+    for i, t in enumerate(timesteps[:n]):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n - grad_last):
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            step = ddim_step(sched, predict(x, tt), int(t), x, eta=eta, generator=generator)
+            x = step.prev_sample
+        if keep_states:
+            states.append(x.detach())
+        log_probs.append(step.log_prob.detach())
+    stacked = torch.stack(states, 1) if keep_states else x.detach().unsqueeze(1)
+    return Trajectory(stacked, torch.stack(log_probs, 1), timesteps[:n].clone(), final=x)
