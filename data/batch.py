@@ -20,7 +20,8 @@ from data.transforms import BadSample
 log = logging.getLogger(__name__)
 
 # Why a sample was dropped. Order is the order of the pipeline stages.
-SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small")
+SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small", "bad_label",
+                                 "tie")
 
 BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
 

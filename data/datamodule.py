@@ -38,6 +38,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         min_size: int = 0,
         persistent_workers: bool = True,
+        kind: str = "image",
+        ties: str = "drop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -55,6 +57,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.min_size = int(min_size)
         self.persistent_workers = bool(persistent_workers)
+        self.kind, self.ties = str(kind), str(ties)
         self.tokenizer: Any = None
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
@@ -114,6 +117,8 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed if seed is None else seed,
             min_size=self.min_size,
             epoch=self._current_epoch(),
+            kind=self.kind,
+            ties=self.ties,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -146,6 +151,8 @@ class ShardDataModule(L.LightningDataModule):
             steps_per_epoch=None,
             seed=self.seed,
             min_size=self.min_size,
+            kind=self.kind,
+            ties=self.ties,
         )
         return self._loader(stream, min(self.num_workers, len(self.val_url_list)))  # a worker per shard at most
 

@@ -238,6 +238,11 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument("--resolution", type=int, default=16, help="image size, 16 (default) or 32")
     digits.add_argument("--maxcount", type=int, default=256, help="samples per shard")
     digits.add_argument("--digits", default=None, help="only these digits, e.g. 0-8 or 1,3,5 (default: all ten)")
+    pairs = sub.add_parser("pairs", help="preference pairs from a .jsonl/.csv/.parquet table "
+                           "(caption, image_0, image_1, label_0: 1 = image 0 preferred, 0 = image 1, 0.5 = tie)")
+    pairs.add_argument("table", help="the table; image paths are relative to its folder")
+    pairs.add_argument("--out", required=True, help="output dir for the pair shards")
+    pairs.add_argument("--maxcount", type=int, default=1000, help="pairs per shard")
     folder = sub.add_parser("folder", help="a folder of images with .txt captions, or metadata.jsonl/csv")
     folder.add_argument("path", help="the image folder")
     folder.add_argument("--out", required=True, help="output dir for the shards")
@@ -265,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             shards = write_digits_shards(out, resolution=args.resolution, maxcount=args.maxcount, digits=subset)
             summary = WriteSummary(shards=shards, written=count_samples(shards) if subset else NUM_DIGITS, skipped={})
             print(summary.line("digits", out))
+        elif args.command == "pairs":
+            from data.preference import write_pair_shards
+
+            result = write_pair_shards(args.table, args.out, args.maxcount)
+            reasons = ", ".join(f"{k}={v}" for k, v in result["skipped"].items() if v) or "none"
+            print(f"foundry-shards pairs: wrote {result['written']} pairs in {len(result['shards'])} shard(s) "
+                  f"in {args.out}; skipped {sum(result['skipped'].values())} ({reasons})")
         else:
             summary = write_folder_shards(args.path, args.out, args.maxcount, args.prefix, args.overwrite)
             for path in summary.missing_captions[:3]:

@@ -33,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import SkipCounter, collate
+from data.preference import TIES, collate_pairs, decode_pair
 from data.transforms import BadSample, ImageTransform, decode_caption, drop_caption, load_image
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class StreamSpec:
     caption_key: str = "txt"
     min_size: int = 0
     allow_missing_caption: bool = False
+    kind: str = "image"        # image: (image, caption) | pair: preference pairs (data/preference.py)
+    ties: str = "drop"         # pairs only: drop | split
 
 
 class ShardStream(IterableDataset):
@@ -216,15 +219,21 @@ class ShardStream(IterableDataset):
             stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), rng=rng))
         aug_rng = random.Random(derive_seed(*where, "augment"))
         drop_rng = random.Random(derive_seed(*where, "dropout"))
-        decode = partial(self._decode, counter=counter, aug_rng=aug_rng, drop_rng=drop_rng)
-        stages.append(wds.map(decode, handler=counter.sample_handler))
-        collate_fn = lambda samples: collate(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
+        if spec.kind == "pair":
+            decode = partial(decode_pair, transform=self.transform, aug_rng=aug_rng, drop_rng=drop_rng,
+                             caption_dropout=spec.caption_dropout, ties=spec.ties)
+            collate_kind = collate_pairs
+        else:
+            decode = partial(self._decode, aug_rng=aug_rng, drop_rng=drop_rng)
+            collate_kind = collate
+        stages.append(wds.map(_counted(decode, counter), handler=counter.sample_handler))
+        collate_fn = lambda samples: collate_kind(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
         # Partial batches only in single passes (validation); training batches keep one shape.
         stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
         return wds.DataPipeline(*stages)
 
     def _decode(
-        self, sample: dict[str, Any], *, counter: SkipCounter, aug_rng: random.Random, drop_rng: random.Random
+        self, sample: dict[str, Any], *, aug_rng: random.Random, drop_rng: random.Random
     ) -> dict[str, Any]:
         """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler)."""
         image_key = next((k for k in self.spec.image_keys if k in sample), None)
@@ -232,13 +241,21 @@ class ShardStream(IterableDataset):
             raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
         caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
         pixels = self.transform(load_image(sample[image_key]), aug_rng)
-        counter.ok()
         return {
             "pixels": pixels,
             "caption": drop_caption(caption, self.spec.caption_dropout, drop_rng),
             "key": f"{sample.get('__url__', '')}/{sample['__key__']}",
             "meta": _parse_meta(sample.get("json")),
         }
+
+
+def _counted(decode, counter: SkipCounter):
+    """A decoder that resets the bad-in-a-row counter on success."""
+    def run(sample: dict[str, Any]) -> dict[str, Any]:
+        out = decode(sample)
+        counter.ok()
+        return out
+    return run
 
 
 def tar_samples(sources: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
@@ -311,6 +328,8 @@ def build_stream(
     rank: int | None = None,
     world_size: int | None = None,
     allow_missing_caption: bool = False,
+    kind: str = "image",
+    ties: str = "drop",
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -328,10 +347,14 @@ def build_stream(
         raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
     if steps_per_epoch is not None and steps_per_epoch <= 0:
         raise ValueError(f"build_stream: steps_per_epoch must be positive, got {steps_per_epoch}")
+    if kind not in ("image", "pair"):
+        raise ValueError(f"data.kind: '{kind}' is not one of image, pair")
+    if ties not in TIES:
+        raise ValueError(f"data.ties: '{ties}' is not one of {', '.join(TIES)}")
     spec = StreamSpec(
         resolution=int(resolution), batch_size=int(batch_size), caption_dropout=float(caption_dropout),
         center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
-        min_size=int(min_size), allow_missing_caption=allow_missing_caption,
+        min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties,
     )
     return ShardStream(expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)

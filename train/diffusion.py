@@ -7,6 +7,8 @@ in the training loop.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -15,6 +17,16 @@ from diffusers.training_utils import compute_snr
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+@dataclass
+class Noised:
+    """One training draw: the noisy input, its timestep, the noise and what the network should output."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    target: torch.Tensor
 
 
 class DiffusionCore:
@@ -47,6 +59,13 @@ class DiffusionCore:
                 (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2))), device=x0.device, dtype=x0.dtype,
                 generator=generator)
         return noise
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> Noised:
+        """Draw (t, noise) unless given, and build the training input and target for clean `x0`."""
+        noise = self.sample_noise(x0, generator) if noise is None else noise
+        t = self.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        return Noised(self.add_noise(x0, noise, t), t, noise, self.target(x0, noise, t))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
@@ -99,3 +118,20 @@ class DiffusionCore:
     def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Weighted per-sample loss, [B]."""
         return self.per_sample_error(pred, target) * self.loss_weights(t).to(pred.device)
+
+
+def preference_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
+                    beta: float, tie: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Diffusion-DPO (Wallace et al.) per pair, from denoising errors at the same timestep and noise.
+
+    logits = -beta/2 [(e_w - e_w_ref) - (e_l - e_l_ref)]; loss = -log sigmoid(logits). A policy equal to its
+    reference gives logits 0, loss log 2. A tie (`tie` true) is split evenly between both orders. SPIN uses the
+    same form with the real image as winner and the opponent's sample as loser.
+    """
+    logits = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    loss = -F.logsigmoid(logits)
+    if tie is not None and bool(tie.any()):
+        loss = torch.where(tie.to(loss.device), 0.5 * (-F.logsigmoid(logits) - F.logsigmoid(-logits)), loss)
+    return {"loss": loss, "implicit_acc": (logits > 0).float() + 0.5 * (logits == 0).float(),
+            "reward_margin": logits.detach(),
+            "error_gap": 0.5 * ((err_w - ref_err_w) + (err_l - ref_err_l)).detach()}

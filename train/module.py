@@ -66,6 +66,7 @@ class DiffusionModule(L.LightningModule):
         self.strict_loading = False
         self._frozen_fingerprint = self.frozen_fingerprint()
         self._reference_copy: dict[str, torch.nn.Module] = {}  # a plain dict: not a submodule, not in any engine
+        self._last_method_step = -1
         method.setup(self)
 
     # ----- encoders shared by every method -----
@@ -97,15 +98,23 @@ class DiffusionModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ----- the frozen reference (DPO, SPIN, erasure, distillation teachers) -----
-    def require_reference(self) -> None:
+    def require_reference(self, copy_weights: bool = False) -> None:
         """Called by a method's `setup` when it needs the frozen base. With an adapter, the base is the same weights
-        with the adapter switched off (no copy); otherwise a frozen copy is made now, before any training step."""
-        if self.has_adapter or self._reference_copy:
+        with the adapter switched off (no copy); otherwise, or with `copy_weights` (an opponent that must follow the
+        trained weights, SPIN), a frozen copy is made now, before any training step, outside every engine."""
+        if self._reference_copy or (self.has_adapter and not copy_weights):
             return
         self._reference_copy["unet"] = copy.deepcopy(self.unet).requires_grad_(False).eval()
         trains_text = any(p.requires_grad for p in self.text_encoder.parameters())
         self._reference_copy["text_encoder"] = (copy.deepcopy(self.text_encoder).requires_grad_(False).eval()
                                                 if trains_text else self.text_encoder)
+
+    def refresh_reference(self) -> None:
+        """The frozen copy becomes the current weights (SPIN: the opponent is the previous iterate)."""
+        for name in ("unet", "text_encoder"):
+            ref, live = self._reference_copy.get(name), getattr(self, name)
+            if ref is not None and ref is not live:
+                ref.load_state_dict(live.state_dict())
 
     @property
     def has_adapter(self) -> bool:
@@ -114,17 +123,17 @@ class DiffusionModule(L.LightningModule):
     @contextlib.contextmanager
     def reference(self) -> Iterator[Reference]:
         """The frozen base for the block: `with module.reference() as ref: ref.unet(...)`."""
-        if self.has_adapter:
+        if self._reference_copy:
+            for name, model in self._reference_copy.items():
+                if next(model.parameters()).device != self.device:
+                    self._reference_copy[name] = model.to(self.device)
+            with torch.no_grad():
+                yield Reference(self._reference_copy["unet"], self._reference_copy["text_encoder"])
+        elif self.has_adapter:
             with adapters_disabled(self.unet, self.text_encoder), torch.no_grad():
                 yield Reference(self.unet, self.text_encoder)
-            return
-        if not self._reference_copy:
+        else:
             raise RuntimeError("module.reference(): the method must call module.require_reference() in its setup")
-        for name, model in self._reference_copy.items():
-            if next(model.parameters()).device != self.device:
-                self._reference_copy[name] = model.to(self.device)
-        with torch.no_grad():
-            yield Reference(self._reference_copy["unet"], self._reference_copy["text_encoder"])
 
     # ----- the loop -----
     def training_step(self, batch: dict[str, Any], batch_idx: int):
@@ -143,6 +152,14 @@ class DiffusionModule(L.LightningModule):
             if key != "loss":
                 self.log(f"train/{key}", value.detach().float().mean(), batch_size=bs)
         return loss
+
+    def on_train_start(self) -> None:
+        self._last_method_step = self.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step != self._last_method_step:  # an optimizer step happened (accumulation-aware)
+            self._last_method_step = self.global_step
+            self.method.on_step_end(self)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Drop a step whose gradients are not finite (the loss was); fp16 leaves this to its loss scaler."""
@@ -224,12 +241,14 @@ class DiffusionModule(L.LightningModule):
         frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["foundry"] = {"skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
-                                 "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint}
+                                 "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
+                                 "method": self.method.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.method.load_state_dict(state.get("method") or {})
         check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
 
 

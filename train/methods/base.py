@@ -24,3 +24,13 @@ class Method:
 
     def loss(self, batch: dict[str, Any], module: "DiffusionModule") -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def on_step_end(self, module: "DiffusionModule") -> None:  # noqa: B027 - optional hook
+        """After each optimizer step (not each micro-batch): target-network updates, opponent refreshes."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that must survive a resume (iteration counters, buffers); saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        pass

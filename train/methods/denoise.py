@@ -15,7 +15,6 @@ class Denoise(Method):
         core = module.core
         x0 = module.encode_images(batch["pixels"])
         cond = module.encode_text(batch["input_ids"])
-        noise = core.sample_noise(x0, module.noise_generator)
-        t = core.sample_timesteps(x0.shape[0], x0.device, module.noise_generator)
-        pred = module.unet(core.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        return {"loss": core.per_sample_loss(pred, core.target(x0, noise, t), t), "timestep": t.float()}
+        d = core.noised(x0, module.noise_generator)
+        pred = module.unet(d.x_t, d.t, encoder_hidden_states=cond).sample
+        return {"loss": core.per_sample_loss(pred, d.target, d.t), "timestep": d.t.float()}
