@@ -24,6 +24,7 @@ PEFT_KINDS = ("lora", "dora", "loha", "lokr")
 TARGET_PRESETS: dict[str, list[str]] = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "attn_mlp": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "xattn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],  # cross-attention only (ESD-x)
     "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "text_encoder_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }

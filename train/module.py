@@ -64,10 +64,10 @@ class DiffusionModule(L.LightningModule):
         # Frozen weights are rebuilt from the config (preset seed or local folder), not stored in checkpoints, so a
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
         self.strict_loading = False
-        self._frozen_fingerprint = self.frozen_fingerprint()
         self._reference_copy: dict[str, torch.nn.Module] = {}  # a plain dict: not a submodule, not in any engine
         self._last_method_step = -1
-        method.setup(self)
+        method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
+        self._frozen_fingerprint = self.frozen_fingerprint()
 
     # ----- encoders shared by every method -----
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -115,6 +115,12 @@ class DiffusionModule(L.LightningModule):
             ref, live = self._reference_copy.get(name), getattr(self, name)
             if ref is not None and ref is not live:
                 ref.load_state_dict(live.state_dict())
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self._reference_copy["unet"].state_dict().items()}
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._reference_copy["unet"].load_state_dict(state)
 
     @property
     def has_adapter(self) -> bool:
@@ -242,13 +248,13 @@ class DiffusionModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["foundry"] = {"skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
                                  "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
-                                 "method": self.method.state_dict()}
+                                 "method": self.method.state_dict(self)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.method.load_state_dict(state.get("method") or {})
+        self.method.load_state_dict(state.get("method") or {}, self)
         check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
 
 

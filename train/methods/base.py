@@ -28,9 +28,9 @@ class Method:
     def on_step_end(self, module: "DiffusionModule") -> None:  # noqa: B027 - optional hook
         """After each optimizer step (not each micro-batch): target-network updates, opponent refreshes."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """Method state that must survive a resume (iteration counters, buffers); saved in every checkpoint."""
+    def state_dict(self, module: "DiffusionModule") -> dict[str, Any]:
+        """Method state that must survive a resume (iteration counters, opponents, buffers); in every checkpoint."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+    def load_state_dict(self, state: dict[str, Any], module: "DiffusionModule") -> None:  # noqa: B027
         pass

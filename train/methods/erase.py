@@ -1,0 +1,72 @@
+"""Concept erasure (Gandikota et al., "Erasing Concepts from Diffusion Models", ESD), and LECO-style redirection.
+
+On states x_t from the frozen model's own trajectory for the concept prompt, the fine-tuned conditional
+prediction for the concept regresses onto the frozen model's guided prediction
+
+    target = e(x_t, "") + guidance * (e(x_t, direction) - e(x_t, ""))
+
+with direction = the concept itself (guidance < 0 erases it: ESD) or an `anchor` prompt (guidance > 0 pulls the
+concept toward the anchor: LECO-style). `params` picks what trains without an adapter: xattn (cross-attention,
+ESD-x: erases the word), noxattn (ESD-u: erases the visual concept everywhere) or all. With an adapter
+(adapter.target=xattn is the usual choice), the adapter is what trains, and its scale at load time sets the strength.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from data.batch import tokenize
+from train.methods.base import Method
+from train.sampling import ddim_scheduler, guided, sample
+
+log = logging.getLogger(__name__)
+PARAM_SETS = ("xattn", "noxattn", "all")
+
+
+class ConceptErasure(Method):
+    name = "erase"
+
+    def __init__(self, concept: str, guidance: float = -1.0, anchor: str | None = None, params: str = "xattn",
+                 sample_steps: int = 25, sample_guidance: float = 3.0):
+        if not concept or not str(concept).strip():
+            raise ValueError("method.concept is empty; give the prompt to erase, e.g. 'a handwritten digit seven'")
+        if params not in PARAM_SETS:
+            raise ValueError(f"method.params: '{params}' is not one of {', '.join(PARAM_SETS)}")
+        if anchor is None and guidance >= 0:
+            raise ValueError(f"method.guidance={guidance}: erasing needs a negative guidance (or set method.anchor "
+                             "to pull the concept toward another prompt)")
+        self.concept, self.guidance, self.anchor, self.params = str(concept), float(guidance), anchor, params
+        self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
+
+    def setup(self, module) -> None:
+        module.require_reference()
+        if module.has_adapter:
+            return  # the adapter's target decides what trains
+        for name, p in module.unet.named_parameters():
+            cross = ".attn2." in name
+            p.requires_grad_({"xattn": cross, "noxattn": not cross, "all": True}[self.params])
+        log.info("erase: training %s parameters (%d tensors)", self.params,
+                 sum(1 for p in module.unet.parameters() if p.requires_grad))
+
+    def _ids(self, module, prompt: str, n: int) -> torch.Tensor:
+        return tokenize(module.components.tokenizer, [prompt]).to(module.device).expand(n, -1)
+
+    def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
+        n = batch["input_ids"].shape[0]  # the data stream only sets the batch size
+        ids_c, ids_u = self._ids(module, self.concept, n), self._ids(module, "", n)
+        sched = ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None)
+        k = int(torch.randint(1, self.sample_steps, (1,), generator=module.noise_generator, device=module.device))
+        size = module.components.sample_size
+        x_T = torch.randn((n, module.components.in_channels, size, size), generator=module.noise_generator,
+                          device=module.device)
+        with module.reference() as ref:
+            cond, uncond = ref.encode_text(ids_c), ref.encode_text(ids_u)
+            x_t = sample(lambda x, t: guided(ref.unet, x, t, cond, uncond, self.sample_guidance), sched, x_T,
+                         stop_at=k).final
+            t = torch.full((n,), int(sched.timesteps[k]), device=module.device, dtype=torch.long)
+            direction = cond if self.anchor is None else ref.encode_text(self._ids(module, self.anchor, n))
+            target = guided(ref.unet, x_t, t, direction, uncond, self.guidance)  # CFG at a negative scale: ESD
+        pred = module.unet(x_t, t, encoder_hidden_states=module.encode_text(ids_c)).sample
+        return {"loss": module.core.per_sample_error(pred, target), "timestep": t.float()}

@@ -1,0 +1,73 @@
+"""SPIN-Diffusion (Yuan et al.): self-play fine-tuning from (caption, real image) data alone.
+
+The opponent is the previous iterate (a frozen copy refreshed every `steps_per_iteration` optimizer steps). Each
+batch, the opponent samples an image for every caption; the real image is the winner, the opponent's sample the
+loser, and the opponent is the reference of the same preference loss Diffusion-DPO uses
+(`train.diffusion.preference_loss`), so the model learns to tell its own samples from real ones.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from data.batch import tokenize
+from train.diffusion import preference_loss
+from train.methods.base import Method
+from train.methods.dpo import pair_errors
+from train.sampling import ddim_scheduler, guided, sample
+
+log = logging.getLogger(__name__)
+
+
+class SPIN(Method):
+    name = "spin"
+
+    def __init__(self, beta: float = 2000.0, steps_per_iteration: int = 200, sample_steps: int = 10,
+                 sample_guidance: float = 1.0):
+        if steps_per_iteration <= 0 or sample_steps <= 0:
+            raise ValueError("method.steps_per_iteration and method.sample_steps must be positive")
+        self.beta, self.steps_per_iteration = float(beta), int(steps_per_iteration)
+        self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
+        self.iteration = 0
+
+    def setup(self, module) -> None:
+        module.require_reference(copy_weights=True)  # the opponent follows the trained weights, adapter or not
+
+    @torch.no_grad()
+    def opponent_samples(self, module, input_ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        sched = ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None)
+        x_T = torch.randn(shape, generator=module.noise_generator, device=module.device)
+        with module.reference() as ref:
+            cond = ref.encode_text(input_ids)
+            uncond = None
+            if self.sample_guidance > 1.0:
+                uncond = ref.encode_text(tokenize(module.components.tokenizer, [""]).to(module.device)).expand_as(cond)
+            return sample(lambda x, t: guided(ref.unet, x, t, cond, uncond, self.sample_guidance), sched, x_T).final
+
+    def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
+        real = module.encode_images(batch["pixels"])
+        fake = self.opponent_samples(module, batch["input_ids"], real.shape)
+        out = preference_loss(*pair_errors(module, real, fake, batch["input_ids"]), beta=self.beta)
+        out["iteration"] = torch.tensor(float(self.iteration))
+        return out
+
+    def on_step_end(self, module) -> None:
+        if module.global_step % self.steps_per_iteration == 0:
+            self.iteration = module.global_step // self.steps_per_iteration
+            module.refresh_reference()
+            log.info("spin: iteration %d starts at step %d; the opponent is now the current model", self.iteration,
+                     module.global_step)
+
+    def state_dict(self, module) -> dict[str, Any]:
+        """The opponent's weights from iteration 1 on: a resumed run continues against the same opponent."""
+        state: dict[str, Any] = {"iteration": self.iteration}
+        if self.iteration > 0:
+            state["opponent"] = module.reference_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], module) -> None:
+        self.iteration = int(state.get("iteration", 0))
+        if "opponent" in state:
+            module.load_reference_state(state["opponent"])
