@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from data.batch import tokenize
 from train.diffusion import preference_loss
 from train.methods.base import Method
 from train.methods.dpo import pair_errors
@@ -43,7 +42,7 @@ class SPIN(Method):
             cond = ref.encode_text(input_ids)
             uncond = None
             if self.sample_guidance > 1.0:
-                uncond = ref.encode_text(tokenize(module.components.tokenizer, [""]).to(module.device)).expand_as(cond)
+                uncond = ref.encode_text(module.empty_prompt_ids(cond.shape[0]))
             return sample(lambda x, t: guided(ref.unet, x, t, cond, uncond, self.sample_guidance), sched, x_T).final
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:

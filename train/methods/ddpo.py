@@ -1,0 +1,123 @@
+"""DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning"): PPO on the denoising MDP.
+
+The one loop alternates two phases the method provides: a *rollout* (sample trajectories from the current model
+with a stochastic DDIM sampler that records each transition's log-probability, score them with a reward, and
+normalise advantages per prompt across all ranks), then *training units* that re-score stored transitions under the
+current policy and apply the PPO clipped objective. One unit = one (minibatch, timestep); the loop accumulates
+`trainer.accumulate_grad_batches` = timesteps per trajectory units into one optimizer step. Samples whose reward is
+NaN/Inf get zero advantage (dropped, counted), so every rank keeps the same schedule.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from train.methods.base import Method
+from train.rewards import Reward, finite_rewards, per_prompt_advantages, prompt_id
+from train.sampling import ddim_scheduler, ddim_step, guided, sample
+
+log = logging.getLogger(__name__)
+
+
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+             clip_range: float) -> dict[str, torch.Tensor]:
+    """max(-A r, -A clip(r, 1-e, 1+e)) per sample, r = exp(logp - logp_old)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return {"loss": torch.maximum(unclipped, clipped),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().detach(),
+            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).detach()}
+
+
+class DDPO(Method):
+    name = "ddpo"
+
+    def __init__(self, reward: Reward, sample_steps: int = 20, eta: float = 1.0, guidance: float = 1.0,
+                 samples_per_prompt: int = 4, minibatch: int = 16, inner_epochs: int = 1, clip_range: float = 1e-4,
+                 adv_clip_max: float = 5.0, timestep_fraction: float = 1.0):
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"method.timestep_fraction={timestep_fraction}: expected (0, 1]")
+        if eta <= 0:
+            raise ValueError(f"method.eta={eta}: DDPO needs a stochastic sampler (eta > 0) for log-probabilities")
+        self.reward, self.sample_steps, self.eta, self.guidance = reward, int(sample_steps), float(eta), float(guidance)
+        self.samples_per_prompt, self.minibatch, self.inner_epochs = int(samples_per_prompt), int(minibatch), int(inner_epochs)
+        self.clip_range, self.adv_clip_max = float(clip_range), float(adv_clip_max)
+        self.train_timesteps = max(1, round(timestep_fraction * self.sample_steps))
+        self.units: list[tuple[torch.Tensor, int]] = []
+        self.buffer: dict[str, Any] = {}
+        self.seconds = {"rollout": 0.0}
+        self._started = time.perf_counter()
+        self.last_rollout: dict[str, Any] = {}  # prompts, images, rewards of the newest rollout (for tables)
+
+    def _sched(self, module):
+        return ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None)
+
+    def _conds(self, module, ids: torch.Tensor, encode):
+        cond = encode(ids)
+        uncond = encode(module.empty_prompt_ids(ids.shape[0])) if self.guidance > 1 else None
+        return cond, uncond
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any], module) -> None:
+        t0 = time.perf_counter()
+        k = self.samples_per_prompt
+        prompts = [p for p in batch["captions"] for _ in range(k)]
+        ids = batch["input_ids"].repeat_interleave(k, 0)
+        cond, uncond = self._conds(module, ids, module.encode_text)
+        size, ch = module.components.sample_size, module.components.in_channels
+        x_T = torch.randn((len(prompts), ch, size, size), generator=module.noise_generator, device=module.device)
+        traj = sample(lambda x, t: guided(module.unet, x, t, cond, uncond, self.guidance), self._sched(module), x_T,
+                      eta=self.eta, generator=module.noise_generator, keep_states=True)
+        images = module.decode(traj.images)
+        rewards = self.reward(images, prompts).float()
+        ok, bad = finite_rewards(rewards)
+        pids = torch.tensor([prompt_id(p) for p in prompts], device=module.device)
+        gather = module.all_gather if module.trainer is not None and module.trainer.world_size > 1 else None
+        safe = torch.where(ok, rewards, torch.zeros_like(rewards))
+        adv = per_prompt_advantages(safe, pids, gather) if ok.any() else torch.zeros_like(rewards)
+        adv = torch.where(ok, adv.clamp(-self.adv_clip_max, self.adv_clip_max), torch.zeros_like(adv))
+        self.buffer = {"states": traj.states, "log_probs": traj.log_probs, "timesteps": traj.timesteps,
+                       "ids": ids, "adv": adv, "ok": ok, "reward_mean": safe[ok].mean() if ok.any() else None,
+                       "reward_std": safe[ok].std(unbiased=False) if ok.any() else None, "nonfinite": bad}
+        self.last_rollout = {"prompts": prompts, "images": images.detach().cpu(), "rewards": rewards.cpu()}
+        if bad:
+            log.warning("ddpo: %d of %d rewards were NaN/Inf; those samples get no gradient", bad, len(prompts))
+        n, order = len(prompts), []
+        for _ in range(self.inner_epochs):
+            perm = torch.randperm(n, generator=module.noise_generator, device=module.device)
+            for start in range(0, n, self.minibatch):
+                idx = perm[start:start + self.minibatch]
+                steps = torch.randperm(self.sample_steps, generator=module.noise_generator)[:self.train_timesteps]
+                order += [(idx, int(j)) for j in steps]
+        self.units = order
+        self.seconds["rollout"] += time.perf_counter() - t0
+
+    def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
+        accum = module.trainer.accumulate_grad_batches if module.trainer is not None else self.train_timesteps
+        if accum != self.train_timesteps:
+            raise ValueError(f"method=ddpo: trainer.accumulate_grad_batches={accum} must equal the timesteps trained "
+                             f"per trajectory ({self.train_timesteps}); one optimizer step per minibatch")
+        if not self.units:
+            self.rollout(batch, module)
+        b, (idx, j) = self.buffer, self.units.pop(0)
+        if not bool(b["ok"].any()):
+            log.warning("ddpo: every reward of the rollout was NaN/Inf; this step is skipped")
+            self.units = []
+            return {"loss": torch.full((len(idx),), float("nan"), device=module.device)}
+        cond, uncond = self._conds(module, b["ids"][idx], module.encode_text)
+        t = int(b["timesteps"][j])
+        x_t, x_prev = b["states"][idx, j], b["states"][idx, j + 1]
+        pred = guided(module.unet, x_t, torch.tensor(t, device=module.device), cond, uncond, self.guidance)
+        step = ddim_step(self._sched(module), pred, t, x_t, eta=self.eta, prev_sample=x_prev)
+        out = ppo_loss(step.log_prob, b["log_probs"][idx, j], b["adv"][idx], self.clip_range)
+        out["loss"] = out["loss"] * b["ok"][idx]
+        if b["reward_mean"] is not None:
+            out["reward_mean"], out["reward_std"] = b["reward_mean"], b["reward_std"]
+        out["reward_nonfinite"] = torch.tensor(float(b["nonfinite"]))
+        out["rollout_seconds"] = torch.tensor(self.seconds["rollout"])  # phase wall-clock: sampling vs the rest
+        out["train_seconds"] = torch.tensor(time.perf_counter() - self._started - self.seconds["rollout"])
+        return out
