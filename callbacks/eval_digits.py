@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 class DigitsEval(L.Callback):
     def __init__(self, every_n_steps: int = 0, guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0, 5.0),
-                 n_per_digit: int = 20, num_inference_steps: int = 25, seed: int = 1234, use_ema: bool = True):
+                 n_per_digit: int = 20, num_inference_steps: int = 25, seed: int = 1234, use_ema: bool = True,
+                 sampler: str = "ddim"):
         self.every = every_n_steps
         self.guidance_scales = tuple(guidance_scales)
         self.n_per_digit = n_per_digit
         self.steps = num_inference_steps
         self.seed = seed
         self.use_ema = use_ema
+        self.sampler = sampler
         self.last_metrics: dict[str, float] = {}
         self._last = -1
 
@@ -47,7 +49,8 @@ class DigitsEval(L.Callback):
         module.eval()
         try:
             with ema_weights(trainer, module) if self.use_ema else contextlib.nullcontext():
-                metrics = evaluate_digits(make_pipeline(module.components), guidance_scales=self.guidance_scales,
+                metrics = evaluate_digits(make_pipeline(module.components, self.sampler),
+                                          guidance_scales=self.guidance_scales,
                                           n_per_digit=self.n_per_digit, steps=self.steps, seed=self.seed)
         finally:
             module.train(was_training)

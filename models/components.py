@@ -65,6 +65,26 @@ def make_scheduler(prediction_type: str, beta_schedule: str = "squaredcos_cap_v2
                          prediction_type=prediction_type, clip_sample=False)
 
 
+def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
+    """The same UNet taking a guidance-weight embedding (`timestep_cond`, LCM / guidance distillation).
+
+    The new projection starts at zero, so the student starts as exactly its teacher; called without
+    `timestep_cond`, the UNet is the teacher unchanged."""
+    if unet.config.time_cond_proj_dim == dim:
+        return unet
+    if unet.config.time_cond_proj_dim is not None:
+        raise ValueError(f"model.guidance_embedding={dim}: the model already has a {unet.config.time_cond_proj_dim}-d "
+                         "guidance embedding; use that size")
+    new = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
+    old = unet.state_dict()
+    extra = set(new.state_dict()) - set(old)
+    if extra != {"time_embedding.cond_proj.weight"} or set(old) - set(new.state_dict()):
+        raise RuntimeError(f"guidance embedding: unexpected weight layout change {sorted(extra)}")
+    new.load_state_dict(old, strict=False)
+    torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    return new.to(next(unet.parameters()).dtype)
+
+
 def check_pretrained_folder(path: str | Path) -> Path:
     """Fail before any heavy work, with one line naming what is missing and the fix."""
     p = Path(path).expanduser()
@@ -106,7 +126,8 @@ def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Com
 def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int | None = None,
                      prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
                      seed: int = 0, gradient_checkpointing: bool = False,
-                     train_text_encoder: bool = False, base: Components | None = None) -> Components:
+                     train_text_encoder: bool = False, base: Components | None = None,
+                     guidance_embedding: int | None = None) -> Components:
     """The Hydra `model` group lands here: `base` (already loaded, e.g. from a checkpoint) wins, then a local
     pretrained folder, then the preset."""
     if base is not None:
@@ -119,6 +140,8 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     else:
         unet, text_encoder, tokenizer = build_preset(preset, resolution or 16, seed=seed)
         comps = Components(unet, text_encoder, tokenizer, make_scheduler(prediction_type, beta_schedule))
+    if guidance_embedding:
+        comps.unet = with_guidance_embedding(comps.unet, int(guidance_embedding))
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     comps.text_encoder.requires_grad_(train_text_encoder)

@@ -6,20 +6,20 @@ import shutil
 from pathlib import Path
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       StableDiffusionPipeline)
+                       LCMScheduler, StableDiffusionPipeline)
 
 from models.components import Components
 from models.pipeline import FoundryPixelPipeline
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler,
-            "euler": EulerDiscreteScheduler}
+            "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
 
 
 def make_sampler(comps: Components, name: str = "ddim"):
     """A sampling scheduler sharing the training noise schedule; pixel models clip x0 to [-1, 1]."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler '{name}' is not one of {sorted(SAMPLERS)}")
-    extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm") else {}
+    extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm", "lcm") else {}
     return SAMPLERS[name].from_config(comps.scheduler.config, **extra)
 
 

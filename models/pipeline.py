@@ -16,6 +16,15 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight w = guidance_scale - 1 (LCM, guidance distillation), [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(np.log(10000.0) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Same call signature as StableDiffusionPipeline, so tools written for SD pipelines work on it; LoRA files
     load with `load_lora_weights` exactly as on Stable Diffusion."""
@@ -46,7 +55,12 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         height, width = height or size, width or size
         device = self._execution_device
         cond = self.encode_prompt(prompts, device)
-        do_cfg = guidance_scale > 1.0
+        w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        timestep_cond = None
+        if w_dim:  # a guidance-distilled / LCM student: the scale is an input, one forward per step
+            w = torch.full((n,), float(guidance_scale) - 1.0, device=device)
+            timestep_cond = guidance_embedding(w, w_dim).to(device, self.unet.dtype)
+        do_cfg = guidance_scale > 1.0 and not w_dim
         if do_cfg:
             neg = negative_prompt or ""
             negs = [neg] * n if isinstance(neg, str) else [x for x in neg for _ in range(num_images_per_prompt)]
@@ -57,11 +71,12 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                                                                  device=device, dtype=dtype)
         x = x * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        extra = {"eta": eta, "generator": generator} if "eta" in _step_params(self.scheduler) else {}
+        params = _step_params(self.scheduler)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             inp = torch.cat([x, x]) if do_cfg else x
             inp = self.scheduler.scale_model_input(inp, t)
-            out = self.unet(inp, t, encoder_hidden_states=cond.to(dtype)).sample
+            out = self.unet(inp, t, encoder_hidden_states=cond.to(dtype), timestep_cond=timestep_cond).sample
             if do_cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance_scale * (text - uncond)

@@ -90,6 +90,13 @@ class DiffusionCore:
         a = _expand(self.alphas_cumprod(t), xt)
         return (1 - a).sqrt() * xt + a.sqrt() * pred
 
+    def ddim_jump(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The deterministic DDIM state at timestep `t` (any earlier one) from predicted x0 and eps; t < 0 is x0.
+
+        This is the ODE solver step of consistency distillation (skipping interval k: t = t_start - k)."""
+        a = _expand(torch.where(t >= 0, self.alphas_cumprod(t.clamp_min(0)), torch.ones_like(t, dtype=torch.float)), x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         return compute_snr(self.scheduler, t)
 

@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-ema", action="store_true", help="score the raw weights of a checkpoint, not the EMA")
+    ap.add_argument("--sampler", default="ddim", help="ddim, ddpm, dpmpp, euler or lcm (few-step students)")
     ap.add_argument("--out", help="also write the metrics as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        pipe = load_pipeline(args.model, use_ema=not args.no_ema)
+        pipe = load_pipeline(args.model, use_ema=not args.no_ema, sampler=args.sampler)
     except (FileNotFoundError, ValueError) as e:
         print(f"foundry-eval: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,11 @@ class DiffusionModule(L.LightningModule):
             self._generator = torch.Generator(device=self.device)
         return self._generator
 
+    @property
+    def attached_trainer(self):
+        """The trainer, or None outside `fit` (methods called directly by tests and tools)."""
+        return self._trainer
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
