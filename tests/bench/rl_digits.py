@@ -1,0 +1,76 @@
+"""Online RL on the digits world through the real CLI: DDPO (full and LoRA) with the digits judge's reward,
+reward backprop (DRaFT-K) with the same reward, and DDPO with JPEG incompressibility.
+
+Reports the reward curve (from the run's CSV metrics: reward per optimizer step), unguided prompt accuracy before
+and after on held-out seeds, and the wall-clock split between sampling (rollouts) and training.
+
+    python tests/bench/rl_digits.py --base RUN_DIR --out /tmp/rl [--variants ddpo ddpo_lora reward_backprop jpeg]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from common import digits_metrics, dump, pipeline, train
+
+GUIDANCE = (1.0, 2.0)
+
+
+def curve(run: Path, key: str) -> list[tuple[int, float]]:
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def jpeg_reward(pipe, n: int = 64) -> float:
+    import torch
+
+    from train.rewards import JpegSize
+
+    gens = [torch.Generator().manual_seed(777 + i) for i in range(n)]
+    images = pipe(["a handwritten digit three"] * n, num_inference_steps=20, guidance_scale=1.0, generator=gens,
+                  output_type="pt").images * 2 - 1
+    return round(float(JpegSize(1)(images, [""] * n).mean()), 4)
+
+
+VARIANTS = {
+    "ddpo": ["experiment=ddpo"],
+    "ddpo_lora": ["experiment=ddpo_lora"],
+    "reward_backprop": ["experiment=reward_backprop", "method.grad_last=2"],
+    "jpeg": ["experiment=ddpo", "reward=jpeg_incompressibility"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    ap.add_argument("--extra", nargs="*", default=[])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = pipeline(args.base)
+    result: dict = {"benchmark": "rl_digits", "base": str(args.base), "before": digits_metrics(base, GUIDANCE),
+                    "before_jpeg_kb": jpeg_reward(base)}
+    for name in args.variants:
+        s = train(args.out, name, *VARIANTS[name], f"model.pretrained={args.base}", f"trainer.max_steps={args.steps}",
+                  "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0",
+                  "trainer.log_every_n_steps=1", *args.extra)
+        pipe = pipeline(args.out / name / "checkpoints" / "last.ckpt")
+        rewards = curve(args.out / name, "train/reward_mean")
+        entry = {"train_seconds": s["wall_seconds"], "command": s["command"],
+                 "reward_first_last": [rewards[0][1], rewards[-1][1]] if rewards else None,
+                 "reward_curve": rewards[:: max(1, len(rewards) // 20)]}
+        if name == "jpeg":
+            entry["jpeg_kb_after"] = jpeg_reward(pipe)
+        else:
+            entry["after"] = digits_metrics(pipe, GUIDANCE)
+        if "train/rollout_seconds" in s:
+            entry["rollout_seconds"], entry["non_rollout_seconds"] = s["train/rollout_seconds"], s["train/train_seconds"]
+        result[name] = entry
+    dump(result, args.out / "rl_digits.json")
+
+
+if __name__ == "__main__":
+    main()
