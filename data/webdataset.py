@@ -70,12 +70,13 @@ def _expand_one(url: str) -> list[str]:
         return [f"pipe:curl -s -L {shlex.quote(url)}"]
     path = os.path.expanduser(url.removeprefix("file:"))
     if glob.has_magic(path):
-        found = sorted(glob.glob(path))
+        # absolute paths: a file named "pipe:..." found by a glob must stay a file, never become a command
+        found = sorted(os.path.abspath(p) for p in glob.glob(path))
         if not found:
             raise FileNotFoundError(f"data.urls: no shard at '{path}'. {BUILD_HINT}")
         return found
     if os.path.isdir(path):
-        found = sorted(str(p) for p in Path(path).glob("*.tar"))
+        found = sorted(str(p.resolve()) for p in Path(path).glob("*.tar"))
         if not found:
             raise FileNotFoundError(f"data.urls: no .tar shards in directory '{path}'. {BUILD_HINT}")
         return found

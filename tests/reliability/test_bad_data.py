@@ -14,7 +14,7 @@ from PIL import Image
 
 from data import batch as batch_mod
 from data.transforms import BadSample, decode_caption, load_image
-from data.webdataset import StreamLoader, build_stream
+from data.webdataset import StreamLoader, build_stream, expand_urls
 
 _spec = importlib.util.spec_from_file_location(
     "test_data_helpers", Path(__file__).parents[1] / "unit" / "test_data_helpers.py"
@@ -205,6 +205,18 @@ def test_urls_in_data_are_never_opened(tmp_path, tokenizer):
             "json": {"url": f"pipe:touch {marker}", "__url__": f"pipe:touch {marker}"}}
     batches = one_pass(helpers.write_shard(tmp_path / "evil.tar", [evil]), tokenizer)
     assert len(batches) == 1 and not marker.exists()
+
+
+def test_shard_files_named_like_commands_stay_files(tmp_path, tokenizer, monkeypatch):
+    """`pipe:` URLs come only from what the user wrote: a file named "pipe:..." that a glob or folder finds is a file."""
+    marker = tmp_path / "pwned"
+    helpers.write_shard(tmp_path / f"pipe:touch {marker.name};.tar", [helpers.good_sample("a", seed=0)])
+    monkeypatch.chdir(tmp_path)
+    for urls in ("*.tar", ".", str(tmp_path)):
+        expanded = expand_urls(urls)
+        assert expanded and all(not u.startswith("pipe:") for u in expanded)
+        one_pass(expanded, tokenizer)
+    assert not marker.exists()
 
 
 def test_skip_counts_travel_through_worker_batches(tmp_path, tokenizer):
