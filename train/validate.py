@@ -42,6 +42,10 @@ def _num(v: Any) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first problem found."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set (the config says ???); pass it on the command "
+                          f"line, e.g. {missing[0]}=...")
     _check(cfg, "trainer.max_steps", lambda v: _int(v) and (v > 0 or v == -1), "a positive integer (or -1)")
     _check(cfg, "trainer.devices", lambda v: v == "auto" or (_int(v) and v > 0) or isinstance(v, (list, str)),
            "a positive integer, a list of device ids or 'auto'")
@@ -68,3 +72,34 @@ def validate(cfg: DictConfig) -> None:
     if steps and steps > 0 and warmup >= steps:
         raise ConfigError(f"lr_scheduler.warmup_steps={warmup} >= trainer.max_steps={steps}: the learning rate "
                           "would never leave warmup; lower warmup_steps")
+    validate_combinations(cfg)
+
+
+def _target(cfg: DictConfig, key: str) -> str:
+    return str(_get(cfg, f"{key}._target_") or "")
+
+
+def validate_combinations(cfg: DictConfig) -> None:
+    """Combinations that each look fine alone but cannot work together."""
+    adapter = _get(cfg, "adapter.kind") or "none"
+    if adapter != "none" and _get(cfg, "model.train_text_encoder"):
+        raise ConfigError(f"model.train_text_encoder=true with adapter.kind={adapter}: the adapter run freezes the "
+                          "base; use adapter.text_encoder=true (an adapter on the text encoder) or adapter=none")
+    method, kind = _target(cfg, "method"), _get(cfg, "data.kind") or "image"
+    pairs_method = method.endswith(".DiffusionDPO")
+    if pairs_method and kind != "pair":
+        raise ConfigError(f"method=dpo needs preference pairs but data.kind={kind}; use data=preference "
+                          "(data.kind=pair) with data.urls pointing at pair shards")
+    if kind == "pair" and not pairs_method:
+        raise ConfigError("data.kind=pair (preference pairs) only feeds method=dpo; the other methods would train "
+                          "on the preferred images only; use data=digits or a caption/image data set")
+    if method.endswith(".DDPO"):
+        steps, fraction = _get(cfg, "method.sample_steps"), _get(cfg, "method.timestep_fraction") or 1.0
+        per_step = max(1, round(fraction * steps))
+        if _get(cfg, "trainer.accumulate_grad_batches") != per_step:
+            raise ConfigError(f"trainer.accumulate_grad_batches={_get(cfg, 'trainer.accumulate_grad_batches')} must "
+                              f"equal the timesteps DDPO trains per trajectory ({per_step} = method.sample_steps x "
+                              "method.timestep_fraction)")
+    if str(_get(cfg, "trainer.precision")) == "16-mixed" and _get(cfg, "trainer.accelerator") == "cpu":
+        raise ConfigError("trainer.precision=16-mixed on trainer.accelerator=cpu: fp16 autocast needs a GPU; "
+                          "use 32-true (or bf16-mixed) on CPU")

@@ -20,9 +20,15 @@ def test_the_default_and_test_configs_are_valid():
     ("data.steps_per_epoch=null", "data.resampled=true needs data.steps_per_epoch"),
     ("lr_scheduler.warmup_steps=100", "lr_scheduler.warmup_steps=100 >= trainer.max_steps=4"),
     ("run_name=a/b", "run_name"),
+    ("adapter=lora model.train_text_encoder=true", "model.train_text_encoder=true with adapter.kind=lora"),
+    ("method=dpo", "method=dpo needs preference pairs but data.kind=image"),
+    ("data=preference data.urls=/x", "data.kind=pair (preference pairs) only feeds method=dpo"),
+    ("experiment=ddpo trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 must equal"),
+    ("trainer.precision=16-mixed trainer.accelerator=cpu", "trainer.precision=16-mixed on trainer.accelerator=cpu"),
+    ("experiment=lcm", "method.teacher, model.pretrained: required but not set"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        validate(compose([override]))
+        validate(compose(override.split()))
     message = str(err.value)
     assert key in message and "\n" not in message
