@@ -32,6 +32,20 @@ def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str, 
         raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
+def _missing(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is ??? (without resolving interpolations that point at them)."""
+    out = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if full == "hydra" or OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        elif isinstance(child := node._get_node(key), DictConfig):
+            out += _missing(child, full + ".")
+    return out
+
+
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -42,7 +56,7 @@ def _num(v: Any) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first problem found."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    missing = _missing(cfg)
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required but not set (the config says ???); pass it on the command "
                           f"line, e.g. {missing[0]}=...")
