@@ -102,11 +102,12 @@ def save_adapter(components, spec: AdapterSpec, out: str | Path, base_model: str
     written: dict[str, Path] = {}
     states = {name: adapter_state(model) for name, model in models.items()}
     if spec.kind in ("lora", "dora"):
-        from diffusers.utils import convert_state_dict_to_diffusers
-
+        # peft key layout (lora_A/lora_B), which load_lora_weights reads directly; diffusers' own
+        # convert_state_dict_to_diffusers rewrites only attention keys to its legacy names and leaves the rest,
+        # and that mixed file then loads without its attention LoRA (seen with target=attn_mlp).
         layers: dict[str, Any] = {}
         for name, model in models.items():
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(states[name])
+            layers[f"{name}_lora_layers"] = states[name]
             layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
         StableDiffusionLoraLoaderMixin.save_lora_weights(out, safe_serialization=True, **layers)
         written["diffusers"] = out / DIFFUSERS_WEIGHTS

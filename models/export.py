@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LCMScheduler, StableDiffusionPipeline)
+                       LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline)
 
 from models.components import Components
 from models.pipeline import FoundryPixelPipeline
@@ -28,10 +28,11 @@ def make_pipeline(comps: Components, sampler: str = "ddim"):
     scheduler = make_sampler(comps, sampler)
     if comps.vae is None:
         pipe = FoundryPixelPipeline(comps.unet, comps.text_encoder, comps.tokenizer, scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                       unet=comps.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    else:  # a latent LCM student takes the guidance weight as input: diffusers' LCM pipeline passes it
+        lcm = sampler == "lcm" and comps.unet.config.time_cond_proj_dim is not None
+        cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+        pipe = cls(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
