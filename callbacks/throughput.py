@@ -14,7 +14,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        self._samples += int(batch["pixels"].shape[0]) * trainer.world_size
+        self._samples += len(batch["keys"]) * trainer.world_size
         if self._t0 is None:  # the first batch includes worker start-up: start the clock after it
             self._t0, self._samples = now, 0
             return

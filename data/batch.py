@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Why a sample was dropped. Order is the order of the pipeline stages.
 SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small", "bad_label",
-                                 "tie")
+                                 "tie", "no_tensor", "bad_tensor")
 
 BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
 

@@ -243,6 +243,17 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("table", help="the table; image paths are relative to its folder")
     pairs.add_argument("--out", required=True, help="output dir for the pair shards")
     pairs.add_argument("--maxcount", type=int, default=1000, help="pairs per shard")
+    coup = sub.add_parser("couplings", help="(noise, teacher output, caption) from a teacher's ODE, for reflow/DMD")
+    coup.add_argument("--teacher", required=True, help="a run directory, .ckpt or diffusers folder")
+    coup.add_argument("--out", required=True)
+    coup.add_argument("--n", type=int, default=2048, help="how many couplings in all (every rank's share together)")
+    coup.add_argument("--prompts", default="digits", help="'digits' or a text file with one prompt per line")
+    coup.add_argument("--steps", type=int, default=25)
+    coup.add_argument("--guidance", type=float, default=3.0)
+    coup.add_argument("--maxcount", type=int, default=256)
+    coup.add_argument("--seed", type=int, default=0)
+    coup.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    coup.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     folder = sub.add_parser("folder", help="a folder of images with .txt captions, or metadata.jsonl/csv")
     folder.add_argument("path", help="the image folder")
     folder.add_argument("--out", required=True, help="output dir for the shards")
@@ -270,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             shards = write_digits_shards(out, resolution=args.resolution, maxcount=args.maxcount, digits=subset)
             summary = WriteSummary(shards=shards, written=count_samples(shards) if subset else NUM_DIGITS, skipped={})
             print(summary.line("digits", out))
+        elif args.command == "couplings":
+            from data.couplings import write_couplings
+
+            if not 0 <= args.rank < args.world:
+                raise ValueError(f"foundry-shards couplings: --rank {args.rank} is not in 0..{args.world - 1}")
+            res = write_couplings(args.teacher, args.out, args.n, args.prompts, args.steps, args.guidance,
+                                  args.maxcount, args.seed, args.rank, args.world)
+            print(f"foundry-shards couplings: rank {args.rank}/{args.world} wrote {len(res['written'])} shard(s), "
+                  f"{len(res['already_present'])} already present (resumed) in {args.out}")
         elif args.command == "pairs":
             from data.preference import write_pair_shards
 

@@ -33,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import SkipCounter, collate
+from data.couplings import collate_couplings, decode_coupling
 from data.preference import TIES, collate_pairs, decode_pair
 from data.transforms import BadSample, ImageTransform, decode_caption, drop_caption, load_image
 
@@ -131,7 +132,7 @@ class StreamSpec:
     caption_key: str = "txt"
     min_size: int = 0
     allow_missing_caption: bool = False
-    kind: str = "image"        # image: (image, caption) | pair: preference pairs (data/preference.py)
+    kind: str = "image"        # image | pair: preference pairs (data/preference.py) | coupling (data/couplings.py)
     ties: str = "drop"         # pairs only: drop | split
 
 
@@ -224,6 +225,8 @@ class ShardStream(IterableDataset):
             decode = partial(decode_pair, transform=self.transform, aug_rng=aug_rng, drop_rng=drop_rng,
                              caption_dropout=spec.caption_dropout, ties=spec.ties)
             collate_kind = collate_pairs
+        elif spec.kind == "coupling":
+            decode, collate_kind = decode_coupling, collate_couplings
         else:
             decode = partial(self._decode, aug_rng=aug_rng, drop_rng=drop_rng)
             collate_kind = collate
@@ -348,8 +351,8 @@ def build_stream(
         raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
     if steps_per_epoch is not None and steps_per_epoch <= 0:
         raise ValueError(f"build_stream: steps_per_epoch must be positive, got {steps_per_epoch}")
-    if kind not in ("image", "pair"):
-        raise ValueError(f"data.kind: '{kind}' is not one of image, pair")
+    if kind not in ("image", "pair", "coupling"):
+        raise ValueError(f"data.kind: '{kind}' is not one of image, pair, coupling")
     if ties not in TIES:
         raise ValueError(f"data.ties: '{ties}' is not one of {', '.join(TIES)}")
     spec = StreamSpec(

@@ -12,14 +12,16 @@ from models.components import Components
 from models.pipeline import FoundryPixelPipeline
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler,
-            "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
+            "euler": EulerDiscreteScheduler, "lcm": LCMScheduler, "ddim_trailing": DDIMScheduler}
 
 
 def make_sampler(comps: Components, name: str = "ddim"):
     """A sampling scheduler sharing the training noise schedule; pixel models clip x0 to [-1, 1]."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler '{name}' is not one of {sorted(SAMPLERS)}")
-    extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm", "lcm") else {}
+    extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm", "lcm", "ddim_trailing") else {}
+    if name == "ddim_trailing":  # timesteps from T down (999, 874, ...): what few-step progressive students need
+        extra["timestep_spacing"] = "trailing"
     return SAMPLERS[name].from_config(comps.scheduler.config, **extra)
 
 

@@ -122,3 +122,15 @@ def sample(predict: Predict, sched: DDIMScheduler, x_T: torch.Tensor, eta: float
         log_probs.append(step.log_prob.detach())
     stacked = torch.stack(states, 1) if keep_states else x.detach().unsqueeze(1)
     return Trajectory(stacked, torch.stack(log_probs, 1), timesteps[:n].clone(), final=x)
+
+
+def straightness(states: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """InstaFlow's straightness of sampled paths, [B]: the time-weighted mean of ||v_i - v_bar||^2, where v_i is the
+    velocity of step i and v_bar the straight line's from the first state to the last. Zero for an exactly straight
+    path at constant speed (what a one-step sampler needs); `times` are the states' positions in [0, 1] ([S+1])."""
+    times = times.to(states.device, torch.float32)
+    dt = times[1:] - times[:-1]
+    v = (states[:, 1:] - states[:, :-1]).flatten(2) / dt.view(1, -1, 1)
+    v_bar = ((states[:, -1] - states[:, 0]).flatten(1) / (times[-1] - times[0])).unsqueeze(1)
+    per_step = ((v - v_bar) ** 2).mean(2)
+    return (per_step * dt.abs().view(1, -1)).sum(1) / dt.abs().sum()
