@@ -78,6 +78,19 @@ def check_trial_launch(cfg: DictConfig, multirun: bool, environ: dict[str, str] 
                          "single-device trials, or give each trial its own job with hydra/launcher=submitit_slurm")
 
 
+def check_direction(config: DictConfig) -> None:
+    """An Optuna sweep must optimise `objective` the right way: plain `hydra/sweeper=optuna` minimizes."""
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    if direction is None or isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction):
+        return
+    direction = getattr(direction, "name", str(direction))
+    wanted = objective_direction(config.objective)
+    if direction != wanted:
+        raise SweepError(f"hydra.sweeper.direction={direction} but objective={config.objective} is to {wanted}: "
+                         f"use hydra/sweeper=optuna_objective (direction follows the objective) or set "
+                         f"hydra.sweeper.direction={wanted}")
+
+
 # ----- per-trial records and the sweep summary -----
 def sweep_direction(config: DictConfig) -> str | None:
     direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
@@ -93,7 +106,7 @@ def trial_record(config: DictConfig, job_return) -> dict[str, Any]:
     from hydra.core.utils import JobStatus
 
     ok = job_return.status == JobStatus.COMPLETED
-    value = job_return._return_value if ok else None  # the objective, or the exception of a failed trial
+    value = job_return._return_value  # the objective, or the exception of a failed trial
     error = None if ok else redact(f"{type(value).__name__}: {value}".splitlines()[0])
     return {"num": int(config.hydra.job.num), "run_name": str(config.run_name),
             "run_dir": str(config.hydra.runtime.output_dir), "overrides": scrub_overrides(job_return.overrides or []),
@@ -147,6 +160,7 @@ class SweepSummary(Callback):
             if o.get_key_element() == "run_name" and not o.is_sweep_override():
                 raise SweepError("run_name is fixed under multirun: every trial would share (and resume) one "
                                  "folder; leave it unset, trials are named from the sweep and their overrides")
+        check_direction(config)
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # an sqlite study lives there
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:

@@ -121,6 +121,15 @@ def name_prefix(hc: DictConfig | None = None) -> str:
     return choice("experiment", hc) or choice("sweep", hc) or "run"
 
 
+def _short(value: str) -> str:
+    """0.0017692267954532756 -> 0.001769: sampled floats are unreadable in names (the config keeps them)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
+
+
 def override_slug(overrides: Sequence[str], keys: Iterable[str] | None = None, limit: int = NAME_LIMIT) -> str:
     """`optimizer.lr=0.001,data.batch_size=32`: the overrides that tell trials apart, usable as a folder name.
 
@@ -134,8 +143,8 @@ def override_slug(overrides: Sequence[str], keys: Iterable[str] | None = None, l
         key = key.lstrip("+~")
         if (wanted is not None and key not in wanted) or (wanted is None and key.startswith(NAME_EXCLUDED)):
             continue
-        items.append(f"{key}={value}")
-    slug = re.sub(r"[\s/\\'\"]+", "_", ",".join(items))
+        items.append(f"{key}={_short(value)}")
+    slug = re.sub(r"[^\w.,=+@%-]+", "_", ",".join(items))  # only characters safe in folder names and shells
     if len(slug) > limit:
         slug = slug[: limit - 9] + "~" + hashlib.sha1(slug.encode()).hexdigest()[:8]
     return slug
