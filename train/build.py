@@ -71,7 +71,7 @@ def build_logger(cfg: DictConfig):
     node = cfg.get("logger")
     if not node or "_target_" not in node:
         return False
-    from train.tracking import git_state, wandb_identity
+    from train.tracking import git_state, scrubbed_argv, wandb_identity
 
     identity: dict[str, Any] = {}
     if "WandbLogger" in node._target_:
@@ -81,7 +81,8 @@ def build_logger(cfg: DictConfig):
         identity = wandb_identity(cfg)  # group / job_type / tags per experiment and sweep
     logger = instantiate(node, **identity)
     git = git_state() if cfg.get("tracking", {}).get("git", True) else {}
-    logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
+    with scrubbed_argv():  # the first call starts the W&B run, which records the command line
+        logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
     return logger
 
 

@@ -11,6 +11,7 @@ every text written (diffs, configs, reports).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,9 +19,10 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 from hydra.experimental.callback import Callback
@@ -59,13 +61,45 @@ def scrub_overrides(overrides: Iterable[str]) -> list[str]:
     return out
 
 
+SECRET_ASSIGNMENT = re.compile(r"([\w.+~/-]*(?:api[_-]?key|token|secret|password)[\w.-]*\s*[=:]\s*)"
+                               r"(\"[^\"]*\"|'[^']*'|[^\s,;'\"\]}]+)", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line, a command line): secret env values and `secret_key=value` values redacted."""
+    return SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, redact(text))
+
+
+class RedactSecrets(logging.Filter):
+    """Logging filter on Hydra's handlers (conf/train.yaml): no log line, on screen or in <run>/*.log,
+    carries a credential, whoever logs it (Hydra prints every trial's overrides)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+@contextlib.contextmanager
+def scrubbed_argv() -> Iterator[None]:
+    """W&B records the command line when a run starts: hide secret-looking overrides from it meanwhile."""
+    saved = list(sys.argv)
+    sys.argv[:] = [saved[0], *scrub_overrides(saved[1:])]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
+
+
 def _scrub_tree(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: (REDACTED if SECRET_KEY.search(str(k)) else _scrub_tree(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         items = [_scrub_tree(v) for v in obj]
         return scrub_overrides(items) if items and all(isinstance(v, str) for v in items) else items
-    return redact(obj) if isinstance(obj, str) else obj
+    return redact_text(obj) if isinstance(obj, str) else obj  # e.g. hydra.job.override_dirname
 
 
 def scrub_yaml_file(path: Path) -> bool:
@@ -337,8 +371,6 @@ def finish_run(trainer, cfg: DictConfig, run_dir: Path, summary: dict[str, Any])
 
 def close_wandb(ok: bool) -> None:
     """Close a W&B run left open (a failed trial): marked failed, and the next trial gets a fresh run."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=0 if ok else 1)
