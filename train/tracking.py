@@ -61,7 +61,7 @@ def scrub_overrides(overrides: Iterable[str]) -> list[str]:
     return out
 
 
-SECRET_ASSIGNMENT = re.compile(r"([\w.+~/-]*(?:api[_-]?key|token|secret|password)[\w.-]*\s*[=:]\s*)"
+SECRET_ASSIGNMENT = re.compile(r"([\w.+~/-]*(?:api[_-]?key|token|secret|password)(?:[_.-][\w.-]*)?\s*[=:]\s*)"
                                r"(\"[^\"]*\"|'[^']*'|[^\s,;'\"\]}]+)", re.IGNORECASE)
 
 
