@@ -14,6 +14,7 @@ import logging
 import math
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,15 @@ def table(runs: list[RunFiles], metric: str) -> str:
     return "\n".join(lines)
 
 
+def short_labels(runs: list[RunFiles], width: int = 44) -> list[str]:
+    """'#i <name>' without the prefix all names share (a sweep's name), so the differences show."""
+    import os
+
+    prefix = os.path.commonprefix([r.name for r in runs]) if len(runs) > 1 else ""
+    prefix = prefix[: prefix.rfind("-") + 1] if "-" in prefix else ""
+    return [f"#{i} {r.name[len(prefix):]}"[:width] for i, r in enumerate(runs)]
+
+
 def render(runs: list[RunFiles], out: Path, metric: str = "train/loss", smooth: float = 0.9) -> Path:
     """One PNG: loss curves, digits metrics by guidance scale, and each run's last sample grid."""
     import matplotlib
@@ -175,8 +185,9 @@ def render(runs: list[RunFiles], out: Path, metric: str = "train/loss", smooth: 
     top = rows[0] if shown else rows
     ax_loss, ax_acc, ax_fd = top.subplots(1, 3)
     colors = plt.get_cmap("tab10")
+    labels = short_labels(runs)
     for i, r in enumerate(runs):
-        label, color = f"#{i} {r.name[:38]}", colors(i % 10)
+        label, color = labels[i], colors(i % 10)
         points = sorted(r.curves.get(metric, []))
         if points:
             steps, values = zip(*points)
@@ -205,7 +216,7 @@ def render(runs: list[RunFiles], out: Path, metric: str = "train/loss", smooth: 
         rows[1].suptitle("last sample grid per run (one row per prompt, digits 0-9 top to bottom)", fontsize=10)
         for ax, r in zip(axes, shown):
             ax.imshow(Image.open(r.grid).convert("RGB"), interpolation="nearest")
-            ax.set_title(f"#{runs.index(r)} {r.grid.stem}", fontsize=8)
+            ax.set_title(textwrap.fill(f"{labels[runs.index(r)]} ({r.grid.stem})", 34), fontsize=7)
             ax.axis("off")
     fig.suptitle(f"foundry-report: {len(runs)} run(s)")
     out.parent.mkdir(parents=True, exist_ok=True)

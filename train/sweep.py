@@ -24,7 +24,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from train.tracking import redact, scrub_overrides
+from train.tracking import SWEPT_KEYS_FILE, redact, scrub_overrides
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ def check_trial_launch(cfg: DictConfig, multirun: bool, environ: dict[str, str] 
     if many:
         raise SweepError(f"trainer.devices={devices} under multirun: each rank would re-launch the sweep; sweep "
                          "single-device trials, or give each trial its own job with hydra/launcher=submitit_slurm")
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys a sweep varies (`a=1,2`, `choice(...)`, `interval(...)`, ...), in order, parsed by Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return list(dict.fromkeys(o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()))
 
 
 def check_direction(config: DictConfig) -> None:
@@ -161,7 +169,11 @@ class SweepSummary(Callback):
                 raise SweepError("run_name is fixed under multirun: every trial would share (and resume) one "
                                  "folder; leave it unset, trials are named from the sweep and their overrides")
         check_direction(config)
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # an sqlite study lives there
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+        keys = swept_keys([*params, *config.hydra.overrides.task])
+        (sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps({"swept": keys}))  # trials are named after these
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         from train.tracking import in_multirun

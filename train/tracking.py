@@ -36,6 +36,7 @@ REDACTED = "<redacted>"
 # Overrides that say where or how a run is logged, not what it trains: left out of trial names.
 NAME_EXCLUDED = ("sweep", "experiment", "run_name", "paths.", "logger", "hydra.", "hydra/", "trainer.enable_progress_bar")
 NAME_LIMIT = 96
+SWEPT_KEYS_FILE = "swept_keys.json"  # in a sweep's folder: the keys its trials differ in, for their names
 
 
 # ----- secrets -----
@@ -161,7 +162,7 @@ def _short(value: str) -> str:
         number = float(value)
     except ValueError:
         return value
-    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
+    return f"{number:.4g}" if len(value) > 8 and ("." in value or "e" in value.lower()) else value
 
 
 def override_slug(overrides: Sequence[str], keys: Iterable[str] | None = None, limit: int = NAME_LIMIT) -> str:
@@ -195,9 +196,9 @@ def run_name_from_context(environ: dict[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     hc = hydra_config()
     if in_multirun(hc):
-        params = hc.sweeper.get("params") or None
-        return trial_run_name(name_prefix(hc), int(hc.job.num), list(hc.overrides.task),
-                              keys=list(params) if params else None)
+        keys_file = Path(str(hc.sweep.dir)) / SWEPT_KEYS_FILE  # written by train.sweep.SweepSummary
+        keys = json.loads(keys_file.read_text())["swept"] if keys_file.is_file() else None
+        return trial_run_name(name_prefix(hc), int(hc.job.num), list(hc.overrides.task), keys=keys)
     if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
         return f"{name_prefix(hc)}-{env['WANDB_RUN_ID']}"
     return None
