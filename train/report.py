@@ -120,7 +120,10 @@ def load_run(path: Path) -> RunFiles:
     if metrics_csv.is_file():
         run.curves, run.source = read_csv_curves(metrics_csv), "csv"
     elif list((path / "wandb").glob("offline-run-*/run-*.wandb")):
-        run.curves, run.source = read_wandb_curves(path), "wandb"
+        try:
+            run.curves, run.source = read_wandb_curves(path), "wandb"
+        except ReportError as e:  # an old wandb without `leet`: still report evaluations and grids
+            log.warning("%s: no curves (%s)", path, e)
     run.evals = [json.loads(p.read_text()) for p in sorted((path / "eval").glob("digits_step_*.json"))]
     grids = sorted((path / "samples").glob("step_*.png"))
     run.grid = grids[-1] if grids else None

@@ -251,7 +251,8 @@ def _git(args: list[str], cwd: Path) -> str:
 
 @functools.lru_cache(maxsize=4)
 def git_state(repo: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """Commit, branch, dirty flag, untracked files and the diff against HEAD (secrets redacted).
+    """Commit, branch, dirty flag, untracked files and the diff against HEAD (secrets redacted, so a line
+    assigning a secret-looking name no longer applies as a patch: credentials matter more).
 
     Cached: the code a process runs is the code it imported, however the tree changes during a sweep."""
     try:
@@ -261,7 +262,7 @@ def git_state(repo: Path = PROJECT_ROOT) -> dict[str, Any]:
     status = _git(["status", "--porcelain"], repo).splitlines()
     return {"commit": commit, "branch": _git(["rev-parse", "--abbrev-ref", "HEAD"], repo).strip(),
             "dirty": bool(status), "untracked": [s[3:] for s in status if s.startswith("??")],
-            "diff": redact(_git(["diff", "HEAD"], repo))}
+            "diff": redact_text(_git(["diff", "HEAD"], repo))}  # also `api_key = "..."` typed into code
 
 
 def record_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -175,3 +175,27 @@ def test_a_wandb_agent_run_is_named_and_grouped_by_its_sweep(tmp_path, monkeypat
     assert record["job_type"] == "sweep-trial" and record["display_name"] == "digits_lr_bs-r1xyz"
     config = {k: v for rec in records if rec["type"] == "config" for k, v in rec["config"]["update"].items()}
     assert config["optimizer"]["lr"] == 0.0012
+
+
+def test_cfg_job_resolve_prints_the_resolved_config(tmp_path):
+    res = run(cli("--cfg", "job", "--resolve", f"paths.output_dir={tmp_path}", "run_name=shown"), tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    printed = yaml.safe_load(res.stdout)
+    assert printed["run_name"] == "shown" and printed["paths"]["run_dir"] == f"{tmp_path}/shown"
+    assert not any(tmp_path.iterdir()), "--cfg must not start a run"
+
+
+@pytest.mark.slow
+def test_digits_sweep_acceptance(tmp_path):
+    """The acceptance sweep as shipped: 4 Optuna trials of 300 tiny_pixel steps on the digits world."""
+    res = run(cli("-m", "sweep=digits_lr_bs", f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false"),
+              tmp_path, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep_dir, = (tmp_path / "sweeps").iterdir()
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert summary["n_completed"] == 4 and summary["best"]["value"] == max(t["value"] for t in summary["trials"])
+    runs = [wandb_run_of(Path(t["run_dir"]))[0] for t in summary["trials"]]
+    assert len({r["run_id"] for r in runs}) == 4 and {r["run_group"] for r in runs} == {sweep_dir.name}
+    png = tmp_path / "report.png"
+    assert run([sys.executable, "-m", "train.report", str(sweep_dir), "--out", str(png)], tmp_path).returncode == 0
+    assert Image.open(png).size[0] >= 1200

@@ -1,6 +1,5 @@
 """Sweeps without training: objective direction, trial checks and summary, and the W&B sweep bridge."""
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +7,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, ROOT
 from train.sweep import (SWEEP_DIR, SweepError, build_wandb_sweep, check_direction, check_trial_launch, main,
-                         objective_direction, objective_value, trial_record, wandb_violations, write_summary)
+                         objective_direction, objective_value, swept_keys, trial_record, wandb_violations,
+                         write_summary)
 
 SWEEP_FILES = sorted(SWEEP_DIR.glob("*.yaml"))
 
@@ -185,3 +185,9 @@ def test_summary_command_rereads_trials(tmp_path, capsys):
     assert "best: #0 trial0 = 0.5000" in capsys.readouterr().out
     assert main(["summary", str(tmp_path / "trial0")]) == 2
 
+
+
+def test_swept_keys_are_what_hydra_parses_as_sweeps():
+    overrides = ["optimizer.lr=tag(log, interval(5e-4, 5e-3))", "data.batch_size=choice(16, 32)", "model=a,b",
+                 "+extra=range(1,3)", "trainer.max_steps=4", "sweep=digits_lr_bs", "callbacks.sample_images.seeds=[0,1]"]
+    assert swept_keys(overrides) == ["optimizer.lr", "data.batch_size", "model", "extra"]

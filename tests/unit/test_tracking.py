@@ -98,12 +98,12 @@ def test_git_state_records_commit_and_redacted_dirty_diff(tmp_path, monkeypatch)
     (tmp_path / "train.py").write_text("lr = 1\n")
     _git(tmp_path, "add", "train.py")
     _git(tmp_path, "commit", "-qm", "first")
-    (tmp_path / "train.py").write_text(f"lr = 2\nkey = '{SECRET}'\n")
+    (tmp_path / "train.py").write_text(f"lr = 2\nkey = '{SECRET}'\napi_key = 'hunter2-not-in-env'\n")
     (tmp_path / "new.py").write_text("x = 1\n")
     state = tracking.git_state(tmp_path)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     assert state["commit"] == head and state["dirty"] is True and state["untracked"] == ["new.py"]
-    assert "+lr = 2" in state["diff"] and SECRET not in state["diff"] and "<redacted>" in state["diff"]
+    assert "+lr = 2" in state["diff"] and SECRET not in state["diff"] and "hunter2" not in state["diff"]
     assert tracking.git_state(tmp_path / "nowhere")["commit"] is None
 
 
@@ -174,3 +174,9 @@ def test_close_wandb_marks_a_left_open_run_failed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode", [RunMode.RUN, RunMode.MULTIRUN])
 def test_in_multirun_reads_hydra_mode(mode):
     assert tracking.in_multirun(_hydra(mode, {})) is (mode == RunMode.MULTIRUN)
+
+
+def test_a_wandb_agent_run_is_named_after_its_sweep_and_run_id(monkeypatch):
+    monkeypatch.setattr(tracking, "choice", lambda group, hc=None: "lr" if group == "sweep" else None)
+    assert tracking.run_name_from_context({"WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "r9"}) == "lr-r9"
+    assert tracking.run_name_from_context({}) is None  # a plain run: the launcher's name or a timestamp
