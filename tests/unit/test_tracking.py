@@ -180,3 +180,10 @@ def test_a_wandb_agent_run_is_named_after_its_sweep_and_run_id(monkeypatch):
     monkeypatch.setattr(tracking, "choice", lambda group, hc=None: "lr" if group == "sweep" else None)
     assert tracking.run_name_from_context({"WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "r9"}) == "lr-r9"
     assert tracking.run_name_from_context({}) is None  # a plain run: the launcher's name or a timestamp
+
+
+def test_one_rule_for_secret_looking_keys():
+    """tracking keeps its own copy so Hydra's start-up does not import torch via train.build: keep them equal."""
+    from train.build import SECRET
+
+    assert tracking.SECRET_KEY.pattern == SECRET.pattern and tracking.SECRET_KEY.flags == SECRET.flags
