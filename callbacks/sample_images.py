@@ -12,6 +12,7 @@ from PIL import Image
 from callbacks.ema import ema_weights
 from models.export import make_pipeline
 from models.pipeline import to_uint8_grid
+from train.tracking import log_samples_table
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +69,7 @@ class SampleImages(L.Callback):
             if hasattr(lg, "log_image"):
                 lg.log_image(key="samples", images=[grid], step=trainer.global_step,
                              caption=[f"step {trainer.global_step}, guidance {self.guidance}"])
+        log_samples_table(trainer, prompts, [s for _ in self.prompts for s in self.seeds], images,
+                          trainer.global_step)  # W&B: one (prompt, seed, step, image) row per sample
         log.info("sample grid: %s", path)
         return path

@@ -97,12 +97,18 @@ def build_logger(cfg: DictConfig):
     node = cfg.get("logger")
     if not node or "_target_" not in node:
         return False
+    from train.tracking import git_state, scrubbed_argv, wandb_identity
+
+    identity: dict[str, Any] = {}
     if "WandbLogger" in node._target_:
         os.environ.setdefault("WANDB_SILENT", "true")
         if node.get("offline", True):
             os.environ["WANDB_MODE"] = "offline"
-    logger = instantiate(node)
-    logger.log_hyperparams(resolved_config(cfg))
+        identity = wandb_identity(cfg)  # group / job_type / tags per experiment and sweep
+    logger = instantiate(node, **identity)
+    git = git_state() if cfg.get("tracking", {}).get("git", True) else {}
+    with scrubbed_argv():  # the first call starts the W&B run, which records the command line
+        logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
     return logger
 
 

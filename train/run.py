@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from train.build import build_datamodule, build_module, build_trainer, resolved_config
 from train.checkpoint import resolve_ckpt_path
+from train.tracking import finish_run, record_run
 from train.validate import validate
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # bad values fail here, in one line, before any model or worker is built
     run_dir = current_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    record_run(cfg, run_dir)  # resolved config + git commit/diff, before anything can fail
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     module.run_config = resolved_config(cfg)
@@ -58,4 +60,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("run summary: %s", run_dir / "summary.json")
+    finish_run(trainer, cfg, run_dir, summary)  # W&B: final metrics, artifacts, close the run (rank 0)
     return summary
