@@ -37,20 +37,6 @@ class Reference:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """The UNet's space -> images in [-1, 1] (through the VAE for latent models); differentiable."""
-        if self.vae is not None:
-            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return x0.float().clamp(-1, 1)
-
-    def empty_prompt_ids(self, n: int) -> torch.Tensor:
-        """Token ids of the empty prompt (the unconditional branch of classifier-free guidance), [n, L]."""
-        if getattr(self, "_empty_ids", None) is None:
-            from data.batch import tokenize
-
-            self._empty_ids = tokenize(self.components.tokenizer, [""])
-        return self._empty_ids.to(self.device).expand(n, -1)
-
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)[0]
 
