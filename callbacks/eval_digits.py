@@ -1,14 +1,13 @@
 """Digits-world evaluation during training: prompt accuracy and Fréchet distance, logged as `val/*`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 
 import lightning as L
 import torch
 
-from callbacks.ema import ema_weights
+from callbacks.ema import inference_weights, samples_here
 from callbacks.sample_images import run_dir
 from models.export import make_pipeline
 
@@ -43,17 +42,14 @@ class DigitsEval(L.Callback):
         from train.evaluate import evaluate_digits
 
         self._last = trainer.global_step
+        if not samples_here(trainer):
+            return {}
+        with inference_weights(trainer, module, self.use_ema):
+            metrics = evaluate_digits(make_pipeline(module.components, self.sampler),
+                                      guidance_scales=self.guidance_scales,
+                                      n_per_digit=self.n_per_digit, steps=self.steps, seed=self.seed)
         if not trainer.is_global_zero:
             return {}
-        was_training = module.training
-        module.eval()
-        try:
-            with ema_weights(trainer, module) if self.use_ema else contextlib.nullcontext():
-                metrics = evaluate_digits(make_pipeline(module.components, self.sampler),
-                                          guidance_scales=self.guidance_scales,
-                                          n_per_digit=self.n_per_digit, steps=self.steps, seed=self.seed)
-        finally:
-            module.train(was_training)
         metrics["trainer/global_step"] = float(trainer.global_step)
         for lg in trainer.loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=trainer.global_step)

@@ -1,7 +1,6 @@
 """Sample grids for fixed prompts and seeds every N steps: PNG in the run directory and the logger's images."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import lightning as L
 import torch
 from PIL import Image
 
-from callbacks.ema import ema_weights
+from callbacks.ema import inference_weights, samples_here
 from models.export import make_pipeline
 from models.pipeline import to_uint8_grid
 from train.tracking import log_samples_table
@@ -46,21 +45,18 @@ class SampleImages(L.Callback):
     @torch.no_grad()
     def sample(self, trainer, module) -> Path | None:
         self._last = trainer.global_step
-        if not trainer.is_global_zero:  # images are made and logged once, on rank 0
+        if not samples_here(trainer):  # images are made and logged once, on rank 0
             return None
         prompts = [p for p in self.prompts for _ in self.seeds]
         gens = [torch.Generator().manual_seed(s) for _ in self.prompts for s in self.seeds]
-        was_training = module.training
-        module.eval()
-        try:
-            ctx = ema_weights(trainer, module) if self.use_ema else contextlib.nullcontext()
-            with ctx:
-                pipe = make_pipeline(module.components, self.sampler)
-                pipe.set_progress_bar_config(disable=False, desc=f"sampling step {trainer.global_step}", leave=False)
-                images = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                              generator=gens, output_type="np").images
-        finally:
-            module.train(was_training)
+        with inference_weights(trainer, module, self.use_ema):
+            pipe = make_pipeline(module.components, self.sampler)
+            pipe.set_progress_bar_config(disable=not trainer.is_global_zero, leave=False,
+                                         desc=f"sampling step {trainer.global_step}")
+            images = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                          generator=gens, output_type="np").images
+        if not trainer.is_global_zero:
+            return None
         grid = Image.fromarray(to_uint8_grid(images, nrow=len(self.seeds)))  # one row per prompt
         path = run_dir(trainer) / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ class ShardDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         kind: str = "image",
         ties: str = "drop",
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -47,6 +48,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_urls = _plain(val_urls)
         self.resolution = int(resolution)
         self.batch_size = int(batch_size)
+        self.global_batch_size = global_batch_size  # informational: train/launch.py derived batch_size from it
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
         self.resampled = bool(resampled)

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.last_checkpoint import LastCheckpoint
@@ -113,13 +114,24 @@ def build_logger(cfg: DictConfig):
 
 
 def build_strategy(cfg: DictConfig):
+    """conf/strategy/: a Lightning strategy name, or a strategy object (train/strategies.py) built from its node."""
     node = cfg.get("strategy") or {}
     if "_target_" in node:
-        return instantiate(node)
+        strategy = instantiate(node, _convert_="all")  # plain dicts: DeepSpeed edits and serialises its config
+        if isinstance(getattr(strategy, "config", None), dict):  # DeepSpeed: our loaders batch inside the stream
+            strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
+        return strategy
     return node.get("name", "auto")
+
+
+def build_plugins() -> list[Any]:
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # our LastCheckpoint saves at a batch boundary and requeues (callbacks/last_checkpoint)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     return L.Trainer(**_kwargs(cfg.trainer), default_root_dir=str(run_dir), max_epochs=-1,
                      num_sanity_val_steps=0, callbacks=build_callbacks(cfg, run_dir), logger=build_logger(cfg),
-                     strategy=build_strategy(cfg), plugins=[AtomicCheckpointIO()])
+                     strategy=build_strategy(cfg), plugins=build_plugins())

@@ -5,6 +5,7 @@ rebuild exactly the module that was trained, through the same builder as trainin
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,24 +44,80 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A DeepSpeed checkpoint folder (one shard per rank) as foundry-train writes it under ZeRO."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / "latest").is_file() or (p / "checkpoint").is_dir())
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return Path(path).expanduser().is_file() or is_sharded_checkpoint(path)
+
+
+def checkpoint_step(path: str | Path) -> int | str:
+    """The global step a checkpoint was written at (read without loading a sharded one)."""
+    p = Path(path)
+    if is_sharded_checkpoint(p):
+        meta = p / "foundry.json"
+        return json.loads(meta.read_text()).get("global_step", "?") if meta.is_file() else "?"
+    return torch.load(p, map_location="cpu", weights_only=True).get("global_step", "?")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """`last` -> the run's last.ckpt if it exists (a requeued run resumes); a path must exist."""
+    """`last` -> the run's last.ckpt if it exists (a requeued run resumes); a path must exist.
+
+    A sharded last.ckpt is a folder; if a crash fell between its two renames, `last.ckpt.old` is the last whole one."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
+        for candidate in (last, last.with_name("last.ckpt.old")):
+            if is_checkpoint(candidate):
+                return str(candidate)
         log.info("no checkpoint at %s: starting fresh", last)
         return None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at '{ckpt_path}'; give a .ckpt file, 'last' or null")
+    if not is_checkpoint(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at '{ckpt_path}'; give a .ckpt file (or a sharded "
+                                "checkpoint folder), 'last' or null")
     return ckpt_path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint, loaded without unpickling arbitrary objects."""
+def consolidate(path: str | Path) -> dict[str, Any]:
+    """A sharded DeepSpeed checkpoint (ZeRO-2 or 3) -> one checkpoint dict with the whole fp32 trained weights.
+
+    The trained tensors are gathered from every rank's shard by DeepSpeed's own converter; frozen ones were never
+    saved (they come from the rebuilt base). DeepSpeed's shard files are pickles that only DeepSpeed can read, so
+    only consolidate folders your own runs wrote; the result is plain tensors and loads with `weights_only=True`.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
+    from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
+
     p = Path(path)
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(p), exclude_frozen_parameters=True)
+    meta = json.loads((p / "foundry.json").read_text()) if (p / "foundry.json").is_file() else {}
+    model_file = get_model_state_file(ds_checkpoint_dir(str(p)), meta.get("zero_stage", 2))
+    client = torch.load(model_file, map_location="cpu", weights_only=False)  # DeepSpeed's own format (see above)
+    engine_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
+                   "dp_world_size", "mp_world_size", "ds_config", "ds_version", "buffer_names", "param_shapes",
+                   "frozen_param_shapes", "shared_params", "frozen_param_fragments", "data_sampler",
+                   "random_ltd", "sparse_tensor_module_names"}
+    checkpoint = {k: v for k, v in client.items() if k not in engine_keys}
+    checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state_dict.items()}
+    return checkpoint
+
+
+def write_consolidated(path: str | Path, out: str | Path) -> Path:
+    """`foundry-export --consolidate`: a sharded checkpoint -> one .ckpt file (atomic), usable everywhere a .ckpt is."""
+    out = Path(out)
+    AtomicCheckpointIO().save_checkpoint(consolidate(path), out)
+    return out
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, loaded without unpickling arbitrary objects (a sharded one is consolidated first)."""
+    p = Path(path)
+    if is_sharded_checkpoint(p):
+        return consolidate(p)
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at '{p}'; give a .ckpt file from <run_dir>/checkpoints/")
     return torch.load(p, map_location="cpu", weights_only=True)
@@ -94,9 +151,9 @@ def load_module(path: str | Path, use_ema: bool = True):
 def find_checkpoint(path: str | Path) -> Path:
     """Accept a .ckpt, or a run directory (its checkpoints/last.ckpt)."""
     p = Path(path).expanduser()
-    if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file():
+    if p.is_dir() and is_checkpoint(p / "checkpoints" / "last.ckpt"):
         return p / "checkpoints" / "last.ckpt"
-    if p.is_file():
+    if is_checkpoint(p):
         return p
     raise FileNotFoundError(f"no checkpoint at '{p}'; give a .ckpt or a run directory with checkpoints/last.ckpt")
 
@@ -104,7 +161,7 @@ def find_checkpoint(path: str | Path) -> Path:
 def is_training_checkpoint(path: str | Path) -> bool:
     """A .ckpt file or a run directory (as opposed to a diffusers folder)."""
     p = Path(path).expanduser()
-    return p.is_file() or (p / "checkpoints" / "last.ckpt").is_file()
+    return is_checkpoint(p) or is_checkpoint(p / "checkpoints" / "last.ckpt")
 
 
 def is_diffusers_folder(path: str | Path) -> bool:

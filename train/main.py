@@ -71,6 +71,8 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     finally:
         close_wandb(ok)
+    if summary.get("dry_run"):
+        return None
     objective = objective_value(summary, cfg.objective, strict=multirun)
     log.info("objective %s = %s", cfg.objective, objective)
     return objective

@@ -22,6 +22,7 @@ from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
+from train.strategies import full_parameters
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,12 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.components = components
         self.unet = components.unet
-        self.text_encoder = components.text_encoder
-        self.vae = components.vae
+        # Frozen sub-models are held outside the module tree: a strategy (DDP, FSDP, a DeepSpeed ZeRO-3 engine) wraps
+        # and shards only what trains, while these stay whole on every rank. `_apply` still moves and casts them.
+        self._frozen_names: tuple[str, ...] = ()
+        self._reference_copy: dict[str, torch.nn.Module] = {}  # a plain dict: not a submodule, not in any engine
+        self._hold("text_encoder", components.text_encoder)
+        self._hold("vae", components.vae)
         self.core = core
         self.method = method
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-4})
@@ -64,10 +69,35 @@ class DiffusionModule(L.LightningModule):
         # Frozen weights are rebuilt from the config (preset seed or local folder), not stored in checkpoints, so a
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
         self.strict_loading = False
-        self._reference_copy: dict[str, torch.nn.Module] = {}  # a plain dict: not a submodule, not in any engine
         self._last_method_step = -1
         method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
         self._frozen_fingerprint = self.frozen_fingerprint()
+
+    def _hold(self, name: str, model: torch.nn.Module | None) -> None:
+        """Register `model` when anything in it trains; otherwise keep it as a plain attribute (frozen, in eval)."""
+        if model is not None and any(p.requires_grad for p in model.parameters()):
+            setattr(self, name, model)
+            return
+        if model is not None:
+            model.eval()
+            self._frozen_names += (name,)
+        object.__setattr__(self, name, model)  # bypasses nn.Module registration: not a child, not in state_dict
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """Every frozen network the module holds outside its tree (encoders, reference copies), by name."""
+        out = {name: getattr(self, name) for name in self._frozen_names if getattr(self, name) is not None}
+        out.update({f"reference.{k}": m for k, m in self._reference_copy.items()})
+        return out
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)`, `.bfloat16()` and the like reach the frozen models too (once each, when shared)."""
+        super()._apply(fn, recurse)
+        seen = {id(m) for m in self.modules()}
+        for model in self.frozen_models().values():
+            if id(model) not in seen:
+                seen.add(id(model))
+                model._apply(fn)
+        return self
 
     # ----- encoders shared by every method -----
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -133,7 +163,8 @@ class DiffusionModule(L.LightningModule):
         for name in ("unet", "text_encoder"):
             ref, live = self._reference_copy.get(name), getattr(self, name)
             if ref is not None and ref is not live:
-                ref.load_state_dict(live.state_dict())
+                with full_parameters(self, list(live.parameters())):  # whole tensors under ZeRO-3/FSDP
+                    ref.load_state_dict(live.state_dict())
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self._reference_copy["unet"].state_dict().items()}
@@ -236,9 +267,14 @@ class DiffusionModule(L.LightningModule):
         fused = cfg.pop("fused", None)
         if fused is None:  # fused kernels where the parameters' device has them
             fused = params[0].device.type == "cuda"
-        optimizer = torch.optim.AdamW(params, lr=cfg.pop("lr"), betas=tuple(cfg.pop("betas", (0.9, 0.999))),
-                                      weight_decay=cfg.pop("weight_decay", 0.01), eps=cfg.pop("eps", 1e-8),
-                                      fused=bool(fused))
+        hyper = dict(lr=cfg.pop("lr"), betas=tuple(cfg.pop("betas", (0.9, 0.999))),
+                     weight_decay=cfg.pop("weight_decay", 0.01), eps=cfg.pop("eps", 1e-8))
+        if offloads_optimizer(self._trainer):  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+        else:
+            optimizer = torch.optim.AdamW(params, fused=bool(fused), **hyper)
         if cfg:
             raise ValueError(f"optimizer: unknown key(s) {sorted(cfg)}")
         sched_cfg = dict(self.lr_scheduler_cfg)
@@ -253,10 +289,15 @@ class DiffusionModule(L.LightningModule):
     def frozen_keys(self) -> set[str]:
         return {name for name, p in self.named_parameters() if not p.requires_grad}
 
+    def _frozen_named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        yield from ((n, p) for n, p in self.named_parameters() if not p.requires_grad)
+        for prefix in self._frozen_names:
+            yield from ((f"{prefix}.{n}", p) for n, p in getattr(self, prefix).named_parameters())
+
     def frozen_fingerprint(self) -> str:
         """A cheap digest of the frozen weights (per-tensor sums), to refuse resuming onto a different base."""
         h = hashlib.sha256()
-        for name, p in sorted(self.named_parameters()):
+        for name, p in sorted(self._frozen_named_parameters(), key=lambda item: item[0]):
             if not p.requires_grad:
                 t = p.detach().double()
                 h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float((t * t).sum()):.6e}".encode())
@@ -274,7 +315,17 @@ class DiffusionModule(L.LightningModule):
         self.skipped = Counter(state.get("skipped", {}))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.method.load_state_dict(state.get("method") or {}, self)
-        check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
+        if "state_dict" in checkpoint:  # DeepSpeed restores the weights from its own shards, not from this dict
+            check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
+        else:
+            check_fingerprint(self, state.get("frozen_fingerprint"))
+
+
+def offloads_optimizer(trainer) -> bool:
+    """True under a DeepSpeed strategy whose config offloads the optimizer state to the CPU."""
+    config = getattr(getattr(trainer, "strategy", None), "config", None) if trainer is not None else None
+    offload = ((config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
 
 
 def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], fingerprint: str | None) -> None:
@@ -284,6 +335,10 @@ def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], finger
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} trainable tensor(s) (e.g. '{missing[0]}'): it was written "
                          "by a run with other adapter/model settings; resume with the same model and adapter config")
+    check_fingerprint(module, fingerprint)
+
+
+def check_fingerprint(module: DiffusionModule, fingerprint: str | None) -> None:
     if fingerprint and fingerprint != module._frozen_fingerprint:
         raise ValueError("checkpoint: the frozen base weights differ from the ones this checkpoint was trained on "
                          "(model.pretrained changed on disk, or another preset/seed); point model.* at the same base")

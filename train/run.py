@@ -12,9 +12,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from train.build import build_datamodule, build_module, build_trainer, resolved_config
-from train.checkpoint import resolve_ckpt_path
+from train.checkpoint import checkpoint_step, resolve_ckpt_path
+from train.launch import apply_plan, dry_run, make_plan
 from train.tracking import finish_run, record_run
-from train.validate import validate
+from train.validate import check_offload_room, validate
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,34 @@ def current_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.run_dir)
 
 
+def configured_urls(cfg: DictConfig) -> list[str] | None:
+    """The shard list the user configured (None: the built-in digits world or a folder the data module builds)."""
+    from data.webdataset import expand_urls
+
+    return expand_urls(cfg.data.urls) if cfg.data.get("urls") else None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # bad values fail here, in one line, before any model or worker is built
     run_dir = current_run_dir(cfg)
+    urls = configured_urls(cfg)
+    if cfg.get("launcher") and cfg.launcher.get("dry_run"):
+        return {"dry_run": dry_run(cfg, urls, run_dir)}
+    plan = make_plan(cfg, urls)
+    apply_plan(cfg, plan)  # global batch -> per-device batch and accumulation; shards vs ranks
     run_dir.mkdir(parents=True, exist_ok=True)
     record_run(cfg, run_dir)  # resolved config + git commit/diff, before anything can fail
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     module.run_config = resolved_config(cfg)
+    check_offload_room(cfg, sum(p.numel() for p in module.trainable_parameters()),
+                       sum(p.numel() for p in module.parameters()), plan.world_size)
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")  # bad shard paths fail here, before the trainer starts any worker
     trainer = build_trainer(cfg, run_dir)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt:
-        import torch
-
-        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", "?")
-        log.info("resuming from %s at step %s", ckpt, step)
+        log.info("resuming from %s at step %s", ckpt, checkpoint_step(ckpt))
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -114,6 +114,58 @@ def validate_combinations(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.accumulate_grad_batches={_get(cfg, 'trainer.accumulate_grad_batches')} must "
                               f"equal the timesteps DDPO trains per trajectory ({per_step} = method.sample_steps x "
                               "method.timestep_fraction)")
+    validate_strategy(cfg)
     if str(_get(cfg, "trainer.precision")) == "16-mixed" and _get(cfg, "trainer.accelerator") == "cpu":
         raise ConfigError("trainer.precision=16-mixed on trainer.accelerator=cpu: fp16 autocast needs a GPU; "
                           "use 32-true (or bf16-mixed) on CPU")
+
+
+def validate_strategy(cfg: DictConfig) -> None:
+    """Sharded strategies that cannot run here, or cannot run with these settings."""
+    target = _target(cfg, "strategy")
+    if target.endswith(".DeepSpeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("strategy=deepspeed_*: DeepSpeed is not installed; pip install "
+                              "'diffusion-foundry[deepspeed]' (or pick strategy=ddp or fsdp)")
+        if _get(cfg, "trainer.accelerator") == "mps":
+            raise ConfigError("strategy=deepspeed_* with trainer.accelerator=mps: DeepSpeed runs on CUDA GPUs (and CPU "
+                              "for tests); use strategy=auto on Apple silicon")
+        if _get(cfg, "trainer.gradient_clip_algorithm") == "value":
+            raise ConfigError("trainer.gradient_clip_algorithm=value with DeepSpeed: it clips by norm only; use "
+                              "gradient_clip_algorithm=norm")
+        zero = _get(cfg, "strategy.config.zero_optimization") or {}
+        for what in ("offload_optimizer", "offload_param"):
+            node = zero.get(what) or {}
+            if node.get("device") == "nvme":
+                check_offload_path(node.get("nvme_path"), f"strategy.config.zero_optimization.{what}.nvme_path")
+        if zero.get("offload_param") and int(zero.get("stage", 0)) != 3:
+            raise ConfigError("strategy.config.zero_optimization.offload_param needs stage 3 (parameters are only "
+                              "partitioned, hence offloadable, in ZeRO-3); use strategy=deepspeed_stage3_offload")
+
+
+def check_offload_path(path: Any, key: str, need_bytes: int = 0) -> None:
+    """An NVMe offload folder must exist, be writable and have room for what will be swapped there."""
+    import os
+    import shutil
+
+    if not path:
+        raise ConfigError(f"{key}: NVMe offload needs a folder; set it to a fast local disk")
+    if not os.path.isdir(path) or not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}={path!r}: not a writable folder; create it on a fast local disk")
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise ConfigError(f"{key}={path!r}: {free / 2**30:.1f} GiB free but the offloaded state needs about "
+                          f"{need_bytes / 2**30:.1f} GiB; point it at a larger disk or use offload to cpu")
+
+
+def check_offload_room(cfg: DictConfig, n_trainable: int, n_total: int, world_size: int) -> None:
+    """After the model is built, before training: NVMe offload folders hold this rank's share of the optimizer state
+    (fp32 master weights + two Adam moments: 12 bytes per trained parameter) and, in ZeRO-3, of the fp16 parameters."""
+    zero = _get(cfg, "strategy.config.zero_optimization") or {}
+    need = {"offload_optimizer": 12 * n_trainable // world_size, "offload_param": 2 * n_total // world_size}
+    for what, nbytes in need.items():
+        node = zero.get(what) or {}
+        if node.get("device") == "nvme":
+            check_offload_path(node.get("nvme_path"), f"strategy.config.zero_optimization.{what}.nvme_path", nbytes)

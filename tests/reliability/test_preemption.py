@@ -42,3 +42,40 @@ def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"at step {step}" in res.stdout + res.stderr
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == step + 2
+
+
+def test_slurm_signal_saves_then_requeues_the_job(tmp_path):
+    """Under SLURM, SIGUSR1 (--signal=SIGUSR1@90) saves last.ckpt at a batch boundary, then rank 0 requeues the job
+    with `scontrol requeue` (a stand-in on PATH records the call); the requeued job resumes from that checkpoint."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dogs",
+           "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1"}
+    env.pop("FOUNDRY_RUN_NAME", None)
+    args = small(f"paths.output_dir={tmp_path}", "callbacks=none", "checkpoint.every_n_steps=1000",
+                 "trainer.max_steps=100000", "logger=none")
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline, lines = time.time() + 180, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Total params" in line or "Trainable params" in line:
+            break
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + out
+    assert proc.returncode == 143, log[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    run_dir = tmp_path / "job-4242"  # SLURM runs are named after the job: the requeued job finds the same folder
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 1000
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "Lightning's mid-step SLURM checkpoint must stay off"
+    res = subprocess.run(cli(*[a for a in args if not a.startswith("trainer.max_steps")], f"trainer.max_steps={step + 1}"),
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at step {step}" in res.stdout + res.stderr

@@ -85,3 +85,25 @@ def test_optimizer_sees_only_trainable_parameters_and_config_is_scrubbed(tiny_cf
     assert n_opt == sum(p.numel() for p in module.unet.parameters())
     resolved = resolved_config(tiny_cfg("+logger.api_key=SECRET123"))
     assert "SECRET123" not in str(resolved)
+
+
+def test_frozen_encoders_stay_outside_the_module_tree_but_follow_it(tiny_cfg):
+    """Strategies wrap and shard only what trains; frozen encoders are held beside it and still move and cast."""
+    module = build_module(tiny_cfg())
+    names = {n for n, _ in module.named_parameters()}
+    assert names and all(n.startswith("unet.") for n in names), "a frozen text encoder leaked into the module tree"
+    assert not any(k.startswith("text_encoder.") for k in module.state_dict())
+    assert set(module.frozen_models()) == {"text_encoder"} and not module.text_encoder.training
+    module.to(torch.bfloat16)
+    assert next(module.text_encoder.parameters()).dtype == torch.bfloat16
+    assert next(module.unet.parameters()).dtype == torch.bfloat16
+    fingerprint = module._frozen_fingerprint
+    with torch.no_grad():
+        next(module.text_encoder.parameters()).add_(1.0)
+    assert module.frozen_fingerprint() != fingerprint, "the frozen encoder is not part of the base fingerprint"
+
+
+def test_a_trained_text_encoder_is_part_of_the_module(tiny_cfg):
+    module = build_module(tiny_cfg("model.train_text_encoder=true"))
+    assert any(n.startswith("text_encoder.") for n, _ in module.named_parameters())
+    assert "text_encoder" not in module.frozen_models()

@@ -16,6 +16,7 @@ import torch
 
 from models.pipeline import guidance_embedding
 from train.methods.base import Method
+from train.strategies import full_parameters
 
 
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
@@ -97,8 +98,10 @@ class LCM(Method):
     def on_step_end(self, module) -> None:
         if self.target is None:
             return
-        for tp, p in zip(self.target.parameters(), module.unet.parameters()):
-            tp.lerp_(p.detach().to(tp.device), 1.0 - self.ema_decay)
+        params = list(module.unet.parameters())
+        with full_parameters(module, params):  # whole tensors under ZeRO-3/FSDP; the target is a full copy
+            for tp, p in zip(self.target.parameters(), params):
+                tp.lerp_(p.detach().to(tp.device, tp.dtype), 1.0 - self.ema_decay)
 
     def state_dict(self, module) -> dict[str, Any]:
         return {"target": {k: v.cpu() for k, v in self.target.state_dict().items()}} if self.target is not None else {}
