@@ -18,9 +18,15 @@ from diffusers import DDIMScheduler
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (eps or v)
 
 
-def ddim_scheduler(train_scheduler, steps: int, clip_sample: bool) -> DDIMScheduler:
-    """The DDIM sampler sharing the training noise schedule (as models/export.make_sampler builds it)."""
-    sched = DDIMScheduler.from_config(train_scheduler.config, clip_sample=clip_sample)
+def ddim_scheduler(train_scheduler, steps: int, clip_sample: bool, stochastic_last_step: bool = False) -> DDIMScheduler:
+    """The DDIM sampler sharing the training noise schedule (as models/export.make_sampler builds it).
+
+    `stochastic_last_step`: as Stable Diffusion's sampler does (`steps_offset=1`, `set_alpha_to_one=False`), the
+    grid ends at t=1 and the final transition lands on alpha_cumprod[0], so with eta > 0 every transition keeps a
+    non-zero variance and a log-probability with a gradient; DDPO trains on every transition and needs that."""
+    extra = {"set_alpha_to_one": False, "steps_offset": max(1, train_scheduler.config.get("steps_offset", 0))}
+    sched = DDIMScheduler.from_config(train_scheduler.config, clip_sample=clip_sample,
+                                      **(extra if stochastic_last_step else {}))
     sched.set_timesteps(steps)
     return sched
 

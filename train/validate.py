@@ -123,6 +123,12 @@ def validate_combinations(cfg: DictConfig) -> None:
 def validate_strategy(cfg: DictConfig) -> None:
     """Sharded strategies that cannot run here, or cannot run with these settings."""
     target = _target(cfg, "strategy")
+    if target.endswith(".FSDP"):
+        import torch
+
+        if _get(cfg, "trainer.accelerator") == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("strategy=fsdp needs CUDA GPUs (PyTorch's FSDP has no CPU path); on CPU use "
+                              "strategy=ddp, or strategy=deepspeed_stage3 for sharding")
     if target.endswith(".DeepSpeed"):
         import importlib.util
 

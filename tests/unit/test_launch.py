@@ -83,6 +83,15 @@ def test_deepspeed_where_it_cannot_run_is_refused(monkeypatch):
                           "+strategy.config.zero_optimization.offload_param={device: cpu}"]))
 
 
+def test_fsdp_without_a_gpu_is_refused_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: FSDP can run")
+    with pytest.raises(ConfigError, match="strategy=fsdp needs CUDA GPUs"):
+        validate(compose(["strategy=fsdp"]))
+
+
 def test_offload_path_without_room_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not a writable folder"):
         check_offload_path(str(tmp_path / "missing"), "strategy.config.zero_optimization.offload_optimizer.nvme_path")

@@ -148,3 +148,23 @@ def test_nan_rewards_are_dropped_and_all_nan_skips_the_step(tiny_cfg, method):
         module.method.units = []
     out = module.method.loss(batch, module)
     assert torch.isnan(out["loss"]).all()  # the loop's non-finite guard skips this step, weights untouched
+
+
+def test_every_ddpo_unit_has_a_policy_gradient_including_the_last_transition(tiny_cfg):
+    """The final DDIM transition is stochastic too (it lands on alpha_cumprod[0], not 1), so whichever timestep a
+    training unit draws, its PPO loss reaches the weights (a deterministic last step used to crash backward)."""
+    from train.build import build_module
+
+    module = build_module(tiny_cfg("experiment=ddpo", "method.sample_steps=3", "method.samples_per_prompt=2",
+                                   "method.minibatch=4"))
+    ids = module.components.tokenizer(["a handwritten digit one", "a handwritten digit two"], padding="max_length",
+                                      max_length=12, return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "captions": ["a handwritten digit one", "a handwritten digit two"]}
+    module.noise_generator.manual_seed(0)
+    module.method.rollout(batch, module)
+    assert sorted(j for _, j in module.method.units) == [0, 1, 2]
+    while module.method.units:
+        module.zero_grad()
+        out = module.method.loss(batch, module)
+        assert out["loss"].requires_grad
+        out["loss"].sum().backward()

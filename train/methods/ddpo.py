@@ -54,7 +54,8 @@ class DDPO(Method):
         self.last_rollout: dict[str, Any] = {}  # prompts, images, rewards of the newest rollout (for tables)
 
     def _sched(self, module):
-        return ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None)
+        return ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None,
+                              stochastic_last_step=True)  # every transition has a log-prob gradient
 
     def _conds(self, module, ids: torch.Tensor, encode):
         cond = encode(ids)
