@@ -16,7 +16,8 @@ from pathlib import Path
 from models.adapter_files import save_adapter
 from models.adapters import AdapterSpec, has_peft_adapter, merge_adapters
 from models.export import export_pipeline
-from train.checkpoint import find_checkpoint, is_diffusers_folder, load_components, load_module  # noqa: F401
+from train.checkpoint import (find_checkpoint, is_diffusers_folder, is_sharded_checkpoint, load_components,  # noqa: F401
+                              load_module, write_consolidated)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     ap.add_argument("--merge", action="store_true", help="fold an adapter into a full pipeline folder")
     ap.add_argument("--sampler", default="ddim", help="scheduler saved with the pipeline: ddim, ddpm, dpmpp, euler")
+    ap.add_argument("--consolidate", metavar="FILE", help="also write a sharded (DeepSpeed) checkpoint as one .ckpt file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     merge = args.merge
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         merge = merge or value.lower() == "true"
     try:
+        if args.consolidate:
+            ckpt = find_checkpoint(args.checkpoint)
+            if not is_sharded_checkpoint(ckpt):
+                raise ValueError(f"--consolidate: {ckpt} is already a single file; only sharded checkpoints need it")
+            print(f"consolidated {ckpt} -> {write_consolidated(ckpt, args.consolidate)}")
         written = export_run(args.checkpoint, args.out, use_ema=not args.no_ema, sampler=args.sampler, merge=merge)
     except (FileNotFoundError, ValueError) as e:
         print(f"foundry-export: {e}", file=sys.stderr)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from common import digits_metrics, dump, pipeline, train
 
+from data.digits import eval_prompt
+
 GUIDANCE = (1.0, 2.0, 3.0)
 SEVEN = "a handwritten digit seven"
 
@@ -33,9 +35,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", choices=["spin", "erase"])
     ap.add_argument("--spin-steps", type=int, default=150, help="optimizer steps per SPIN iteration")
-    ap.add_argument("--spin-lr", type=float, default=1e-4)
+    ap.add_argument("--spin-lr", type=float, default=None, help="default: experiment=spin's own")
     ap.add_argument("--erase-steps", type=int, default=200)
-    ap.add_argument("--erase-lr", type=float, default=1e-4)
+    ap.add_argument("--erase-lr", type=float, default=None, help="default: experiment=erase's own (x10 for LoRA)")
+    ap.add_argument("--no-preserve", action="store_true", help="erase without the preservation prompts")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "spin_erase_digits", "base": str(args.base)}
@@ -43,7 +46,8 @@ def main() -> None:
         result["spin_before"] = digits_metrics(pipeline(args.base), GUIDANCE)
         s = train(args.out, "spin", "experiment=spin", f"model.pretrained={args.base}",
                   f"method.steps_per_iteration={args.spin_steps}", f"trainer.max_steps={2 * args.spin_steps}",
-                  f"checkpoint.every_n_steps={args.spin_steps}", "checkpoint.keep_last=-1", f"optimizer.lr={args.spin_lr}",
+                  f"checkpoint.every_n_steps={args.spin_steps}", "checkpoint.keep_last=-1",
+                  *([f"optimizer.lr={args.spin_lr}"] if args.spin_lr else []),
                   "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0")
         ckpts = sorted((args.out / "spin" / "checkpoints").glob("step*.ckpt"))
         result["spin"] = {"train_seconds": s["wall_seconds"], "command": s["command"],
@@ -51,9 +55,13 @@ def main() -> None:
                              for i, c in enumerate(ckpts[:2])}}
     if args.only in (None, "erase"):
         result["erase_before"] = erase_scores(pipeline(args.base))
+        others = ",".join(eval_prompt(d) for d in range(10) if d != 7)
+        keep = [] if args.no_preserve else [f"method.preserve=[{others}]"]
         for name, extra in (("erase_full", []), ("erase_lora", ["adapter=lora", "adapter.target=xattn", "adapter.rank=4"])):
+            base_lr = args.erase_lr or 1e-5  # experiment=erase's; a LoRA takes 10x
+            lr = [f"optimizer.lr={base_lr * (10 if extra else 1)}"] if (args.erase_lr or extra) else []
             s = train(args.out, name, "experiment=erase", f"method.concept={SEVEN}", f"model.pretrained={args.base}",
-                      f"trainer.max_steps={args.erase_steps}", f"optimizer.lr={args.erase_lr * (10 if extra else 1)}",
+                      f"trainer.max_steps={args.erase_steps}", *keep, *lr,
                       "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0", *extra)
             result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"],
                             "after": erase_scores(pipeline(args.out / name / "checkpoints" / "last.ckpt"))}

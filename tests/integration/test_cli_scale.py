@@ -63,10 +63,13 @@ def test_deepspeed_trains_resumes_and_exports_from_sharded_checkpoint(tmp_path, 
     out = run([*base[:-1], "trainer.max_steps=5"])
     assert "at step 3" in out, "the relaunch must resume the sharded checkpoint"
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["global_step"] == 5
-    res = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "ds"), str(tmp_path / "export")],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "ds"), str(tmp_path / "export"),
+                          "--consolidate", str(tmp_path / "one.ckpt")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert images(tmp_path / "export").shape == (2, 16, 16, 3)
+    single = torch.load(tmp_path / "one.ckpt", map_location="cpu", weights_only=True)  # plain tensors now
+    assert single["global_step"] == 5 and any(k.startswith("unet.") for k in single["state_dict"])
+    assert not any(k.startswith("text_encoder.") for k in single["state_dict"]), "frozen weights are never saved"
 
 
 def test_zero3_export_matches_the_unsharded_twin(tmp_path):

@@ -41,6 +41,19 @@ def test_erasure_loss_is_finite_and_trains_cross_attention_only(tiny_cfg):
     assert out["loss"].shape == (2,) and torch.isfinite(out["loss"]).all() and out["loss"].requires_grad
 
 
+def test_erasure_preserves_other_prompts_by_matching_the_frozen_model(tiny_cfg):
+    """With `preserve`, part of each batch samples the other prompts; there the target is the frozen model's own
+    conditional prediction, so an untrained student (equal to the frozen model) has zero preservation loss."""
+    module = build_module(tiny_cfg("experiment=erase", "method.concept=a handwritten digit seven",
+                                   "method.sample_steps=3", "method.preserve=[a handwritten digit one,"
+                                   "a handwritten digit two]", "method.preserve_weight=2.0"))
+    module.noise_generator.manual_seed(0)
+    out = module.method.loss(digits_batch(module, n=4), module)
+    assert out["loss"].shape == (4,)
+    assert float(out["preserve_loss"]) < 1e-10, "the student starts as the frozen model: nothing to preserve yet"
+    assert float(out["erase_loss"]) > 1e-4, "the concept rows regress onto the negatively guided target"
+
+
 def test_spin_starts_each_iteration_at_log2_and_refreshes_the_opponent(tiny_cfg):
     module = build_module(tiny_cfg("method=spin", "method.steps_per_iteration=1", "method.sample_steps=2"))
     batch = digits_batch(module)

@@ -9,6 +9,11 @@ with direction = the concept itself (guidance < 0 erases it: ESD) or an `anchor`
 concept toward the anchor: LECO-style). `params` picks what trains without an adapter: xattn (cross-attention,
 ESD-x: erases the word), noxattn (ESD-u: erases the visual concept everywhere) or all. With an adapter
 (adapter.target=xattn is the usual choice), the adapter is what trains, and its scale at load time sets the strength.
+
+`preserve` lists prompts that must keep their meaning: a `preserve_fraction` of every batch samples trajectories for
+them instead, and there the fine-tuned prediction regresses onto the frozen model's own conditional one (weight
+`preserve_weight`). Related prompts share most tokens ("a handwritten digit seven" / "... one"), so without it
+erasing one concept drags its neighbours along.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ class ConceptErasure(Method):
     name = "erase"
 
     def __init__(self, concept: str, guidance: float = -1.0, anchor: str | None = None, params: str = "xattn",
-                 sample_steps: int = 25, sample_guidance: float = 3.0):
+                 sample_steps: int = 25, sample_guidance: float = 3.0, preserve: list[str] | None = None,
+                 preserve_fraction: float = 0.5, preserve_weight: float = 1.0):
         if not concept or not str(concept).strip():
             raise ValueError("method.concept is empty; give the prompt to erase, e.g. 'a handwritten digit seven'")
         if params not in PARAM_SETS:
@@ -39,6 +45,11 @@ class ConceptErasure(Method):
                              "to pull the concept toward another prompt)")
         self.concept, self.guidance, self.anchor, self.params = str(concept), float(guidance), anchor, params
         self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
+        self.preserve = [str(p) for p in preserve or [] if str(p) != self.concept]
+        if not 0 <= preserve_fraction < 1:
+            raise ValueError(f"method.preserve_fraction={preserve_fraction}: expected [0, 1)")
+        self.preserve_fraction = preserve_fraction if self.preserve else 0.0
+        self.preserve_weight = float(preserve_weight)
 
     def setup(self, module) -> None:
         module.require_reference()
@@ -50,23 +61,34 @@ class ConceptErasure(Method):
         log.info("erase: training %s parameters (%d tensors)", self.params,
                  sum(1 for p in module.unet.parameters() if p.requires_grad))
 
-    def _ids(self, module, prompt: str, n: int) -> torch.Tensor:
-        return tokenize(module.components.tokenizer, [prompt]).to(module.device).expand(n, -1)
+    def _ids(self, module, prompts: list[str] | str, n: int | None = None) -> torch.Tensor:
+        prompts = [prompts] * n if isinstance(prompts, str) else prompts
+        return tokenize(module.components.tokenizer, prompts).to(module.device)
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         n = batch["input_ids"].shape[0]  # the data stream only sets the batch size
-        ids_c, ids_u = self._ids(module, self.concept, n), self._ids(module, "", n)
+        gen = module.noise_generator
+        n_keep = min(n - 1, round(n * self.preserve_fraction))
+        picks = torch.randint(0, max(1, len(self.preserve)), (n_keep,), generator=gen, device=module.device)
+        prompts = [self.concept] * (n - n_keep) + [self.preserve[int(i)] for i in picks]
+        ids, ids_u = self._ids(module, prompts), self._ids(module, "", n)
         sched = ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None)
-        k = int(torch.randint(1, self.sample_steps, (1,), generator=module.noise_generator, device=module.device))
+        k = int(torch.randint(1, self.sample_steps, (1,), generator=gen, device=module.device))
         size = module.components.sample_size
-        x_T = torch.randn((n, module.components.in_channels, size, size), generator=module.noise_generator,
-                          device=module.device)
+        x_T = torch.randn((n, module.components.in_channels, size, size), generator=gen, device=module.device)
+        erase = torch.arange(n, device=module.device) < n - n_keep
         with module.reference() as ref:
-            cond, uncond = ref.encode_text(ids_c), ref.encode_text(ids_u)
+            cond, uncond = ref.encode_text(ids), ref.encode_text(ids_u)
             x_t = sample(lambda x, t: guided(ref.unet, x, t, cond, uncond, self.sample_guidance), sched, x_T,
                          stop_at=k).final
             t = torch.full((n,), int(sched.timesteps[k]), device=module.device, dtype=torch.long)
             direction = cond if self.anchor is None else ref.encode_text(self._ids(module, self.anchor, n))
-            target = guided(ref.unet, x_t, t, direction, uncond, self.guidance)  # CFG at a negative scale: ESD
-        pred = module.unet(x_t, t, encoder_hidden_states=module.encode_text(ids_c)).sample
-        return {"loss": module.core.per_sample_error(pred, target), "timestep": t.float()}
+            moved = guided(ref.unet, x_t, t, direction, uncond, self.guidance)  # CFG at a negative scale: ESD
+            kept = ref.unet(x_t, t, encoder_hidden_states=cond).sample if n_keep else moved
+            target = torch.where(erase.view(-1, 1, 1, 1), moved, kept)
+        pred = module.unet(x_t, t, encoder_hidden_states=module.encode_text(ids)).sample
+        err = module.core.per_sample_error(pred, target)
+        out = {"loss": torch.where(erase, err, self.preserve_weight * err), "timestep": t.float()}
+        if n_keep:
+            out["erase_loss"], out["preserve_loss"] = err[erase].detach().mean(), err[~erase].detach().mean()
+        return out
