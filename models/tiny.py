@@ -29,6 +29,7 @@ class Preset:
     text_heads: int
     max_length: int
     vocab_size: int
+    norm_groups: int = 8
 
 
 PRESETS: dict[str, Preset] = {
@@ -38,6 +39,10 @@ PRESETS: dict[str, Preset] = {
     # Test-sized: a forward pass in milliseconds.
     "micro": Preset((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"),
                     ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 16, 1, 2, 12, 300),
+    # Stable Diffusion 1.5's UNet layout (860 M parameters, random weights) with a small 768-d text encoder: for
+    # measuring strategies, memory and throughput on GPUs (model.resolution=64 is SD's latent size).
+    "sd15": Preset((320, 640, 1280, 1280), ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, 2, 768, 2, 12, 77, 512, norm_groups=32),
 }
 
 
@@ -81,7 +86,7 @@ def build_unet(p: Preset, resolution: int, in_channels: int, cross_attention_dim
         block_out_channels=p.block_out_channels, down_block_types=p.down_block_types,
         up_block_types=p.up_block_types, layers_per_block=p.layers_per_block,
         cross_attention_dim=cross_attention_dim, attention_head_dim=8,
-        norm_num_groups=min(8, p.block_out_channels[0]))
+        norm_num_groups=min(p.norm_groups, p.block_out_channels[0]))
 
 
 def build_preset(name: str, resolution: int, in_channels: int = 3, seed: int = 0,

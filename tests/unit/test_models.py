@@ -75,3 +75,14 @@ def test_export_loads_in_diffusers_and_matches_our_sampler(micro, tmp_path):
     assert pil.size == (16, 16)
     # the export is also a valid model folder to continue training from
     assert load_pretrained(out).unet.config.sample_size == 16
+
+
+def test_sd15_preset_is_stable_diffusions_unet_size():
+    """The GPU benchmark preset: SD1.5's UNet layout (counted on the meta device, no memory spent)."""
+    import torch
+
+    from models.tiny import PRESETS, build_unet
+
+    with torch.device("meta"):
+        unet = build_unet(PRESETS["sd15"], 64, 4, 768)
+    assert abs(sum(p.numel() for p in unet.parameters()) - 859_520_964) < 1000
