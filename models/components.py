@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 from models.tiny import build_preset
@@ -19,7 +19,7 @@ from models.tiny import build_preset
 log = logging.getLogger(__name__)
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: flow matching / rectified flow
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Components:
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
-    scheduler: DDPMScheduler
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     vae: AutoencoderKL | None = None
 
     @property
@@ -57,12 +57,20 @@ class Components:
             self.vae.save_pretrained(out / "vae", safe_serialization=True)
 
 
-def make_scheduler(prediction_type: str, beta_schedule: str = "squaredcos_cap_v2",
-                   num_train_timesteps: int = 1000) -> DDPMScheduler:
+def make_scheduler(prediction_type: str, beta_schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000,
+                   flow_shift: float = 1.0):
+    """The training noise schedule: a DDPM schedule (epsilon | v_prediction) or flow matching (`flow`, with SD3's
+    `shift` of the timesteps toward noise; 1.0 is plain rectified flow)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"model.prediction_type: '{prediction_type}' is not one of {PREDICTION_TYPES}")
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          prediction_type=prediction_type, clip_sample=False)
+
+
+def scheduler_objective(scheduler) -> str:
+    return "flow" if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else scheduler.config.prediction_type
 
 
 def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
@@ -99,20 +107,37 @@ def check_pretrained_folder(path: str | Path) -> Path:
     return p
 
 
-def with_prediction_type(scheduler: DDPMScheduler, prediction_type: str | None) -> DDPMScheduler:
-    """The same noise schedule with another objective (e.g. fine-tuning an epsilon model into v-prediction)."""
-    if prediction_type and prediction_type != scheduler.config.prediction_type:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"model.prediction_type: '{prediction_type}' is not one of {PREDICTION_TYPES}")
-        log.info("switching prediction_type %s -> %s", scheduler.config.prediction_type, prediction_type)
-        return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
-    return scheduler
+def with_prediction_type(scheduler, prediction_type: str | None, flow_shift: float = 1.0):
+    """The same model trained toward another objective: epsilon <-> v keep the noise schedule; to or from `flow` the
+    schedule itself changes (reflow fine-tunes a VP teacher into a rectified-flow student)."""
+    current = scheduler_objective(scheduler)
+    if not prediction_type or prediction_type == current:
+        return scheduler
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"model.prediction_type: '{prediction_type}' is not one of {PREDICTION_TYPES}")
+    log.info("switching prediction_type %s -> %s", current, prediction_type)
+    if prediction_type == "flow":
+        return make_scheduler("flow", num_train_timesteps=scheduler.config.num_train_timesteps, flow_shift=flow_shift)
+    if current == "flow":
+        return make_scheduler(prediction_type, num_train_timesteps=scheduler.config.num_train_timesteps)
+    return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
 
 
-def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Components:
+def load_scheduler(folder: Path):
+    """The training scheduler of a diffusers folder: flow-matching models keep theirs; others load as DDPM."""
+    import json
+
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) \
+        if (folder / "scheduler" / "scheduler_config.json").is_file() else {}
+    if "FlowMatch" in str(config.get("_class_name", "")):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+
+def load_pretrained(path: str | Path, prediction_type: str | None = None, flow_shift: float = 1.0) -> Components:
     """Load components from a local diffusers folder (Stable Diffusion layout or our own exports)."""
     p = check_pretrained_folder(path)
-    scheduler = with_prediction_type(DDPMScheduler.from_pretrained(p, subfolder="scheduler"), prediction_type)
+    scheduler = with_prediction_type(load_scheduler(p), prediction_type, flow_shift)
     vae = AutoencoderKL.from_pretrained(p, subfolder="vae") if (p / "vae").is_dir() else None
     return Components(
         unet=UNet2DConditionModel.from_pretrained(p, subfolder="unet"),
@@ -124,22 +149,23 @@ def load_pretrained(path: str | Path, prediction_type: str | None = None) -> Com
 
 
 def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int | None = None,
-                     prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
+                     prediction_type: str | None = None, beta_schedule: str = "squaredcos_cap_v2",
                      seed: int = 0, gradient_checkpointing: bool = False,
                      train_text_encoder: bool = False, base: Components | None = None,
-                     guidance_embedding: int | None = None) -> Components:
+                     guidance_embedding: int | None = None, flow_shift: float = 1.0) -> Components:
     """The Hydra `model` group lands here: `base` (already loaded, e.g. from a checkpoint) wins, then a local
     pretrained folder, then the preset."""
     if base is not None:
         comps = base
-        comps.scheduler = with_prediction_type(comps.scheduler, prediction_type)
+        comps.scheduler = with_prediction_type(comps.scheduler, prediction_type, flow_shift)
         for model in (comps.unet, comps.text_encoder):
             model.requires_grad_(True)
     elif pretrained:
-        comps = load_pretrained(pretrained, prediction_type)
+        comps = load_pretrained(pretrained, prediction_type, flow_shift)
     else:
         unet, text_encoder, tokenizer = build_preset(preset, resolution or 16, seed=seed)
-        comps = Components(unet, text_encoder, tokenizer, make_scheduler(prediction_type, beta_schedule))
+        comps = Components(unet, text_encoder, tokenizer,
+                           make_scheduler(prediction_type or "epsilon", beta_schedule, flow_shift=flow_shift))
     if guidance_embedding:
         comps.unet = with_guidance_embedding(comps.unet, int(guidance_embedding))
     if gradient_checkpointing:
@@ -151,7 +177,7 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     source = "a checkpoint's model" if base is not None else (pretrained or f"preset {preset}")
     log.info("built model: %s, UNet %.2fM params, %s space %dx%d, %s", source, n / 1e6,
              "latent" if comps.vae is not None else "pixel", comps.resolution, comps.resolution,
-             comps.scheduler.config.prediction_type)
+             scheduler_objective(comps.scheduler))
     return comps
 
 

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline)
+                       FlowMatchEulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,
+                       StableDiffusionPipeline)
 
 from models.components import Components
 from models.pipeline import FoundryPixelPipeline
@@ -15,8 +16,16 @@ SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMult
             "euler": EulerDiscreteScheduler, "lcm": LCMScheduler, "ddim_trailing": DDIMScheduler}
 
 
+FLOW_SAMPLERS = ("ddim", "euler", "flow")  # a flow-matching model samples with its Euler ODE solver
+
+
 def make_sampler(comps: Components, name: str = "ddim"):
     """A sampling scheduler sharing the training noise schedule; pixel models clip x0 to [-1, 1]."""
+    if isinstance(comps.scheduler, FlowMatchEulerDiscreteScheduler):
+        if name not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler '{name}': a flow-matching model samples with its Euler solver "
+                             f"(sampler one of {', '.join(FLOW_SAMPLERS)})")
+        return FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config)
     if name not in SAMPLERS:
         raise ValueError(f"sampler '{name}' is not one of {sorted(SAMPLERS)}")
     extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm", "lcm", "ddim_trailing") else {}

@@ -69,13 +69,14 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         dtype = self.unet.dtype
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                  device=device, dtype=dtype)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         params = _step_params(self.scheduler)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             inp = torch.cat([x, x]) if do_cfg else x
-            inp = self.scheduler.scale_model_input(inp, t)
+            if hasattr(self.scheduler, "scale_model_input"):
+                inp = self.scheduler.scale_model_input(inp, t)
             out = self.unet(inp, t, encoder_hidden_states=cond.to(dtype), timestep_cond=timestep_cond).sample
             if do_cfg:
                 uncond, text = out.chunk(2)

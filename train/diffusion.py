@@ -1,5 +1,10 @@
 """The noise/loss core: noise schedule, objective targets, SNR weighting and per-sample losses.
 
+Two families share one interface: discrete-time VP diffusion (a DDPM schedule; epsilon or v targets) and flow
+matching / rectified flow (x_t = (1 - s) x0 + s noise, target noise - x0, s = t / T in [0, 1], with SD3's
+logit-normal timestep density and shift). Methods see `noised`, `target`, `predict_x0`, `per_sample_loss`; the few
+that need VP-only quantities (a DDIM jump, alphas) declare the objectives they support.
+
 Every method (denoising, DreamBooth, DPO, distillation...) and the evaluator use this one object, so a
 fix to a target or a weighting lands everywhere at once. All losses are per-sample `[B]` vectors:
 prior-preservation splits, preference pairing and weighting act on that vector before the one reduction
@@ -11,8 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -30,26 +41,54 @@ class Noised:
 
 
 class DiffusionCore:
-    """Discrete-time VP diffusion (DDPM schedule) with epsilon or v-prediction targets."""
+    """The objective of a run: VP diffusion (DDPM schedule, epsilon | v_prediction) or flow matching (`flow`)."""
 
-    def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None, offset_noise: float = 0.0,
-                 loss_type: str = "mse", huber_c: float = 0.001):
+    def __init__(self, scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, loss_type: str = "mse", huber_c: float = 0.001,
+                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
         if loss_type not in ("mse", "huber"):
             raise ValueError(f"loss.type: '{loss_type}' is not one of mse, huber")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"loss.timestep_sampling: '{timestep_sampling}' is not one of {', '.join(TIMESTEP_SAMPLING)}")
         self.scheduler = scheduler
-        self.prediction_type: str = scheduler.config.prediction_type
+        self.flow = is_flow_scheduler(scheduler)
+        self.prediction_type: str = "flow" if self.flow else scheduler.config.prediction_type
         self.num_timesteps: int = scheduler.config.num_train_timesteps
-        self.min_snr_gamma = min_snr_gamma
+        self.min_snr_gamma = None if self.flow else min_snr_gamma  # flow weights by its timestep density instead
         self.offset_noise = offset_noise
         self.loss_type = loss_type
         self.huber_c = huber_c
-        self._acp = scheduler.alphas_cumprod.float()
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, float(logit_mean), float(logit_std)
+        self.shift = float(scheduler.config.get("shift", 1.0)) if self.flow else 1.0
+        self._acp = None if self.flow else scheduler.alphas_cumprod.float()
+
+    def require(self, objectives: tuple[str, ...], who: str) -> None:
+        """One line naming the objective when a method cannot work with this model's."""
+        if self.prediction_type not in objectives:
+            raise ValueError(f"{who} works with model.prediction_type {' | '.join(objectives)}, not "
+                             f"{self.prediction_type}; pick another method or model")
 
     def alphas_cumprod(self, t: torch.Tensor) -> torch.Tensor:
+        if self._acp is None:
+            raise ValueError("alphas_cumprod: a flow-matching model has no VP schedule")
         return self._acp.to(t.device)[t]
 
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow matching: the noise level s = t / T of (possibly fractional) timesteps t."""
+        return t.float() / self.num_timesteps
+
     def sample_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None):
-        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+        """VP: uniform integer timesteps. Flow: s uniform or logit-normal (SD3), shifted s' = k s / (1 + (k-1) s),
+        returned as float timesteps t = s' T (what the schedulers and time embeddings use)."""
+        if not self.flow:
+            return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+        if self.timestep_sampling == "logit_normal":
+            u = torch.randn((n,), device=device, generator=generator) * self.logit_std + self.logit_mean
+            s = torch.sigmoid(u)
+        else:
+            s = torch.rand((n,), device=device, generator=generator)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        return s * self.num_timesteps
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel offset noise (helps very dark/bright images) when configured."""
@@ -63,15 +102,20 @@ class DiffusionCore:
     def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
                noise: torch.Tensor | None = None) -> Noised:
         """Draw (t, noise) unless given, and build the training input and target for clean `x0`."""
-        noise = self.sample_noise(x0, generator) if noise is None else noise
+        noise = self.sample_noise(x0, generator) if noise is None else noise.to(x0)
         t = self.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         return Noised(self.add_noise(x0, noise, t), t, noise, self.target(x0, noise, t))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            s = _expand(self.sigma(t), x0)
+            return (1 - s) * x0 + s * noise
         return self.scheduler.add_noise(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output at (x_t, t)."""
+        if self.prediction_type == "flow":
+            return noise - x0
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "v_prediction":
@@ -79,12 +123,16 @@ class DiffusionCore:
         raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
 
     def predict_x0(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return xt - _expand(self.sigma(t), xt) * pred
         a = _expand(self.alphas_cumprod(t), xt)
         if self.prediction_type == "epsilon":
             return (xt - (1 - a).sqrt() * pred) / a.sqrt()
         return a.sqrt() * xt - (1 - a).sqrt() * pred
 
     def predict_eps(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return xt + (1 - _expand(self.sigma(t), xt)) * pred
         if self.prediction_type == "epsilon":
             return pred
         a = _expand(self.alphas_cumprod(t), xt)
@@ -98,6 +146,9 @@ class DiffusionCore:
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            s = self.sigma(t).clamp(1e-6, 1 - 1e-6)
+            return ((1 - s) / s) ** 2
         return compute_snr(self.scheduler, t)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:

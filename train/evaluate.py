@@ -60,7 +60,31 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
     metrics["val/prompt_accuracy"] = best[0]
     metrics["val/best_guidance"] = float(best[1])
     metrics["val/frechet"] = metrics[f"val/frechet_g{best[1]:g}"]
+    if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        metrics["val/straightness"] = flow_straightness(pipe, guidance_scale=float(best[1]), seed=seed)
     return metrics
+
+
+@torch.no_grad()
+def flow_straightness(pipe, n_per_digit: int = 4, steps: int = 8, guidance_scale: float = 1.0,
+                      seed: int = 1234) -> float:
+    """InstaFlow's straightness of a flow model's sampled paths (0: straight, one Euler step suffices), averaged
+    over `n_per_digit` paths per digit prompt, from the states of an `steps`-step Euler solve."""
+    from train.sampling import straightness
+
+    prompts = [eval_prompt(d) for d in range(10) for _ in range(n_per_digit)]
+    size, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    x_T = torch.stack([torch.randn((ch, size, size), generator=torch.Generator().manual_seed(seed + i))
+                       for i in range(len(prompts))])
+    states = [x_T]
+
+    def record(_pipe, _i, _t, tensors):
+        states.append(tensors["latents"].float().cpu())
+        return tensors
+
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=x_T.clone(), output_type="latent",
+         callback_on_step_end=record)
+    return float(straightness(torch.stack(states, 1), pipe.scheduler.sigmas.float()).mean())
 
 
 @torch.no_grad()

@@ -107,6 +107,11 @@ def validate_combinations(cfg: DictConfig) -> None:
     if kind == "pair" and not pairs_method:
         raise ConfigError("data.kind=pair (preference pairs) only feeds method=dpo; the other methods would train "
                           "on the preferred images only; use data=digits or a caption/image data set")
+    if method.endswith(".Reflow") and kind != "coupling":
+        raise ConfigError(f"method=reflow trains on teacher couplings but data.kind={kind}; use experiment=reflow "
+                          "(data.kind=coupling) with data.urls from `foundry-shards couplings`")
+    if kind == "coupling" and not (method.endswith(".Reflow") or method.endswith(".VSD")):
+        raise ConfigError("data.kind=coupling (teacher couplings) feeds method=reflow or method=vsd only")
     if method.endswith(".DDPO"):
         steps, fraction = _get(cfg, "method.sample_steps"), _get(cfg, "method.timestep_fraction") or 1.0
         per_step = max(1, round(fraction * steps))

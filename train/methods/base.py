@@ -18,6 +18,7 @@ class Method:
     """
 
     name = "method"
+    objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # the model objectives its loss is written for
 
     def setup(self, module: "DiffusionModule") -> None:  # noqa: B027 - optional hook
         pass

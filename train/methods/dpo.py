@@ -32,6 +32,7 @@ def pair_errors(module, x_w: torch.Tensor, x_l: torch.Tensor, input_ids: torch.T
 
 class DiffusionDPO(Method):
     name = "dpo"
+    objectives = ("epsilon", "v_prediction", "flow")  # errors at shared (t, noise): any objective
 
     def __init__(self, beta: float = 5000.0):
         if beta <= 0:

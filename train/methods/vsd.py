@@ -67,8 +67,8 @@ class VSD(Method):
         dm = 0.5 * ((x - (x - grad).detach()) ** 2).flatten(1).mean(1)  # d/dx = grad: distribution matching
         fake = core.per_sample_error(score(d.x_t, d.t, encoder_hidden_states=cond.detach()).sample, d.target)
         out = {"loss": dm + fake, "distribution_matching": dm.detach(), "fake_score_loss": fake.detach()}
-        if self.regression_weight and "pixels" in batch and "noise" in batch:
-            reg = core.per_sample_error(x, module.encode_images(batch["pixels"]))
+        if self.regression_weight and "x0" in batch and "noise" in batch:  # couplings: x0 is in the UNet's space
+            reg = core.per_sample_error(x, batch["x0"].to(x))
             out["loss"] = out["loss"] + self.regression_weight * reg
             out["regression"] = reg.detach()
         return out
