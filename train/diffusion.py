@@ -62,11 +62,11 @@ class DiffusionCore:
         self.shift = float(scheduler.config.get("shift", 1.0)) if self.flow else 1.0
         self._acp = None if self.flow else scheduler.alphas_cumprod.float()
 
-    def require(self, objectives: tuple[str, ...], who: str) -> None:
+    def require(self, objectives: tuple[str, ...], who: str, hint: str = "") -> None:
         """One line naming the objective when a method cannot work with this model's."""
         if self.prediction_type not in objectives:
             raise ValueError(f"{who} works with model.prediction_type {' | '.join(objectives)}, not "
-                             f"{self.prediction_type}; pick another method or model")
+                             f"{self.prediction_type}; {hint or 'pick another method or model'}")
 
     def alphas_cumprod(self, t: torch.Tensor) -> torch.Tensor:
         if self._acp is None:

@@ -70,7 +70,7 @@ class DiffusionModule(L.LightningModule):
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
         self.strict_loading = False
         self._last_method_step = -1
-        core.require(method.objectives, f"method={method.name}")
+        core.require(method.objectives, f"method={method.name}", method.objective_hint)
         method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
         self._frozen_fingerprint = self.frozen_fingerprint()
 

@@ -89,7 +89,7 @@ def test_progressive_refuses_an_epsilon_teacher_in_one_line(tiny_cfg, tmp_path):
     from models.export import export_pipeline
 
     teacher = export_pipeline(build_components(preset="micro", resolution=16), tmp_path / "eps-teacher")
-    with pytest.raises(Exception, match="method=progressive needs a v-prediction model, this one predicts epsilon"):
+    with pytest.raises(Exception, match="method=progressive works with model.prediction_type v_prediction, not epsilon; convert the teacher"):
         build_module(tiny_cfg("experiment=progressive", f"method.teacher={teacher}"))
     module = build_module(tiny_cfg("experiment=progressive", f"method.teacher={teacher}",
                                    "model.prediction_type=v_prediction"))  # converted: accepted

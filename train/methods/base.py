@@ -19,6 +19,7 @@ class Method:
 
     name = "method"
     objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # the model objectives its loss is written for
+    objective_hint = ""  # how to get a model with one of them, for the refusal message
 
     def setup(self, module: "DiffusionModule") -> None:  # noqa: B027 - optional hook
         pass

@@ -33,6 +33,9 @@ def two_step_target(core, z_t: torch.Tensor, t: torch.Tensor, z_end: torch.Tenso
 
 class Progressive(Method):
     name = "progressive"
+    objectives = ("v_prediction",)
+    objective_hint = ("convert the teacher first (model.prediction_type=v_prediction, a short continued training) or "
+                      "set it for the student")
 
     def __init__(self, start_steps: int = 8, rounds: int = 3, steps_per_round: int = 300, guidance: float = 1.0,
                  teacher: str | None = None):
@@ -45,10 +48,6 @@ class Progressive(Method):
         self.guidance, self.round = float(guidance), 0
 
     def setup(self, module) -> None:
-        if module.core.prediction_type != "v_prediction":
-            raise ValueError(f"method=progressive needs a v-prediction model, this one predicts "
-                             f"{module.core.prediction_type}; convert it first (model.prediction_type=v_prediction, "
-                             "a short continued training) or set it for the student")
         module.require_reference(copy_weights=True)  # the teacher of the current round
 
     @property
