@@ -24,7 +24,8 @@ class SampleImages(L.Callback):
     def __init__(self, prompts: list[str], every_n_steps: int = 500, seeds: list[int] | tuple[int, ...] = (0, 1),
                  num_inference_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim",
                  use_ema: bool = True):
-        self.prompts = list(prompts)
+        # a list entry may itself be a list (e.g. `${data.class_prompt}` with several class prompts): flatten it
+        self.prompts = [q for p in prompts for q in ([p] if isinstance(p, str) else list(p))]
         self.every = every_n_steps
         self.seeds = list(seeds)
         self.steps = num_inference_steps

@@ -22,17 +22,28 @@ from data.webdataset import ShardStream, derive_seed
 log = logging.getLogger(__name__)
 
 
-def check_prompts(instance_prompt: str, class_prompt: str | None, identifier: str | None) -> None:
-    """The instance prompt must name the subject with a token the class prompt lacks (the identifier)."""
+def class_prompt_list(class_prompt: str | list[str] | None) -> list[str]:
+    """`data.class_prompt` as a list: one prompt, or several (class images are generated round-robin over them)."""
+    if class_prompt is None:
+        return []
+    prompts = [class_prompt] if isinstance(class_prompt, str) else [str(p) for p in class_prompt]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ValueError("data.class_prompt: empty prompt; give e.g. 'a photo of a dog' (or a list of prompts)")
+    return prompts
+
+
+def check_prompts(instance_prompt: str, class_prompt: str | list[str] | None, identifier: str | None) -> None:
+    """The instance prompt must name the subject with a token the class prompt(s) lack (the identifier)."""
     if not instance_prompt or not str(instance_prompt).strip():
         raise ValueError("data.instance_prompt is empty; give e.g. 'a photo of sks dog'")
     words = str(instance_prompt).lower().split()
     if identifier and identifier.lower() not in words:
         raise ValueError(f"data.instance_prompt '{instance_prompt}' does not contain data.identifier '{identifier}'; "
                          f"put the identifier in the prompt, e.g. 'a photo of {identifier} dog'")
-    if class_prompt is not None and not set(words) - set(str(class_prompt).lower().split()):
-        raise ValueError(f"data.instance_prompt '{instance_prompt}' has no identifier beyond data.class_prompt "
-                         f"'{class_prompt}'; add a rare token, e.g. 'a photo of sks dog'")
+    for prompt in class_prompt_list(class_prompt):
+        if not set(words) - set(prompt.lower().split()):
+            raise ValueError(f"data.instance_prompt '{instance_prompt}' has no identifier beyond data.class_prompt "
+                             f"'{prompt}'; add a rare token, e.g. 'a photo of sks dog'")
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -44,9 +55,11 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 @torch.no_grad()
-def generate_class_images(components, prompt: str, count: int, out: Path, start: int = 0, steps: int = 25,
-                          guidance_scale: float = 3.0, batch_size: int = 50, seed: int = 0) -> None:
-    """`count` images of `prompt` from the base model into `out` (PNG + same-named .txt), with a progress bar."""
+def generate_class_images(components, prompts: str | list[str], count: int, out: Path, start: int = 0,
+                          steps: int = 25, guidance_scale: float = 3.0, batch_size: int = 50, seed: int = 0) -> None:
+    """`count` images from the base model into `out` (PNG + same-named .txt caption), image i of prompt
+    i mod len(prompts), with a progress bar."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     from tqdm.auto import tqdm
 
     from models.export import make_pipeline
@@ -58,12 +71,12 @@ def generate_class_images(components, prompt: str, count: int, out: Path, start:
         for first in range(start, start + count, batch_size):
             n = min(batch_size, start + count - first)
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(n)]
-            images = pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=gens).images
+            chunk = [prompts[(first + i) % len(prompts)] for i in range(n)]
+            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
             for i, img in enumerate(images):
                 stem = out / f"class-{first + i:06d}"
                 img.save(stem.with_suffix(".png"))
-                stem.with_suffix(".txt").write_text(prompt)
+                stem.with_suffix(".txt").write_text(chunk[i])
             bar.update(n)
     pipe.to("cpu")
 
@@ -111,7 +124,7 @@ class PairedStream(IterableDataset):
 class DreamBoothDataModule(ShardDataModule):
     """Instance images (+ class images with prior preservation) as shards, streamed like any other run."""
 
-    def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | None = None,
+    def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | list[str] | None = None,
                  class_dir: str | None = None, num_class_images: int = 100, prior_preservation: bool = True,
                  identifier: str | None = None, shard_dir: str = "dreambooth-data",
                  class_generation: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -119,8 +132,9 @@ class DreamBoothDataModule(ShardDataModule):
         super().__init__(urls=None, **kwargs)
         self.instance_dir = Path(str(instance_dir)).expanduser()
         self.instance_prompt = str(instance_prompt)
-        self.class_prompt = None if class_prompt is None else str(class_prompt)
-        self.prior_preservation = bool(prior_preservation) and self.class_prompt is not None
+        self.class_prompts = class_prompt_list(class_prompt)
+        self.class_prompt = self.class_prompts[0] if len(self.class_prompts) == 1 else (self.class_prompts or None)
+        self.prior_preservation = bool(prior_preservation) and bool(self.class_prompts)
         self.class_dir = Path(str(class_dir or Path(shard_dir) / "class_images")).expanduser()
         self.num_class_images = int(num_class_images)
         self.identifier = identifier
@@ -171,11 +185,14 @@ class DreamBoothDataModule(ShardDataModule):
         if have < self.num_class_images:
             if self.components is None:
                 raise RuntimeError("DreamBoothDataModule: attach_model() before prepare_data() to generate class images")
-            log.info("dreambooth: generating %d class image(s) of '%s' into %s (have %d)",
-                     self.num_class_images - have, self.class_prompt, self.class_dir, have)
-            generate_class_images(self.components, self.class_prompt, self.num_class_images - have, self.class_dir,
+            log.info("dreambooth: generating %d class image(s) of %s into %s (have %d)",
+                     self.num_class_images - have, self.class_prompts, self.class_dir, have)
+            generate_class_images(self.components, self.class_prompts, self.num_class_images - have, self.class_dir,
                                   start=have, seed=self.seed, **self.class_generation)
-        write_folder_shards(self.class_dir, self.shard_dir / "class", caption=self.class_prompt, overwrite=True)
+        # one class prompt captions every class image (a user's own folder may have no .txt); several: each image's
+        # own .txt, written when it was generated
+        caption = self.class_prompts[0] if len(self.class_prompts) == 1 else None
+        write_folder_shards(self.class_dir, self.shard_dir / "class", caption=caption, overwrite=True)
 
     def train_dataloader(self):
         if not self._shards("instance"):

@@ -179,17 +179,21 @@ class DiffusionCore:
 
 
 def preference_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
-                    beta: float, tie: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    beta: float, tie: torch.Tensor | None = None, sft_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Diffusion-DPO (Wallace et al.) per pair, from denoising errors at the same timestep and noise.
 
     logits = -beta/2 [(e_w - e_w_ref) - (e_l - e_l_ref)]; loss = -log sigmoid(logits). A policy equal to its
     reference gives logits 0, loss log 2. A tie (`tie` true) is split evenly between both orders. SPIN uses the
-    same form with the real image as winner and the opponent's sample as loser.
+    same form with the real image as winner and the opponent's sample as loser. `sft_weight` adds the winner's
+    denoising error (an SFT term, as RPO does for language models): without it the cheapest way to widen the margin
+    is to raise the errors on everything, which self-play (winner and loser both look like data) finds quickly.
     """
     logits = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
     loss = -F.logsigmoid(logits)
     if tie is not None and bool(tie.any()):
         loss = torch.where(tie.to(loss.device), 0.5 * (-F.logsigmoid(logits) - F.logsigmoid(-logits)), loss)
+    if sft_weight:  # the winner's plain denoising loss: the margin cannot grow by raising every error at once
+        loss = loss + sft_weight * err_w
     return {"loss": loss, "implicit_acc": (logits > 0).float() + 0.5 * (logits == 0).float(),
             "reward_margin": logits.detach(),
             "error_gap": 0.5 * ((err_w - ref_err_w) + (err_l - ref_err_l)).detach()}

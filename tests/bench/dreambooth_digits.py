@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for the DreamBooth runs")
+    ap.add_argument("--class-prompts", choices=["class", "digits"], default="class",
+                    help="class: one class prompt ('a handwritten digit'); digits: the nine prompts 'a handwritten "
+                         "digit k', k = 0..8, whose accuracy the prior-preservation figure measures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "dreambooth_digits", "experiment": args.experiment}
@@ -72,11 +75,15 @@ def main() -> None:
 
     instance = args.out / "instance"
     write_instance_images(instance)
+    from data.digits import eval_prompt
+
+    class_prompt = CLASS_PROMPT if args.class_prompts == "class" else f"[{','.join(eval_prompt(d) for d in range(9))}]"
+    result["class_prompt"] = class_prompt
     for name, prior in (("with_prior", True), ("without_prior", False)):
         s = train(args.out, f"db-{name}", f"experiment={args.experiment}", f"model.pretrained={base}",
                   f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT}",
-                  f"data.class_prompt={CLASS_PROMPT}", f"data.prior_preservation={str(prior).lower()}",
-                  f"data.class_dir={args.out / 'class_images'}", "data.num_class_images=200",
+                  f"data.class_prompt={class_prompt}", f"data.prior_preservation={str(prior).lower()}",
+                  f"data.class_dir={args.out / f'class_images_{args.class_prompts}'}", "data.num_class_images=198",
                   f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8", *args.extra)
         result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}")}
     dump(result, args.out / "dreambooth_digits.json")

@@ -100,3 +100,27 @@ def test_dreambooth_loss_weights_the_prior_half(monkeypatch):
     # the loop's one reduction (mean) gives instance mean + weight * class mean: 2 + 0.5 * 15
     assert out["loss"].mean().item() == pytest.approx(2.0 + 0.5 * 15.0)
     assert out["instance_loss"].item() == pytest.approx(2.0) and out["prior_loss"].item() == pytest.approx(15.0)
+
+
+def test_several_class_prompts_caption_each_class_image_with_its_own(tmp_path):
+    """Prior preservation over several prompts (e.g. every digit a user relies on): class images are generated
+    round-robin over them and each keeps its own caption in the class batches."""
+    from models.components import build_components
+
+    class FakeModule:
+        components = build_components(preset="micro", resolution=16)
+
+    inst = tmp_path / "inst"
+    write_images(inst, 3)
+    prompts = ["a digit one", "a digit two"]
+    dm = datamodule(tmp_path, inst, class_prompt=prompts, num_class_images=4,
+                    class_generation={"steps": 2, "batch_size": 4})
+    dm.attach_model(FakeModule())
+    dm.setup("fit")
+    dm.prepare_data()
+    captions = [(tmp_path / "db" / "class_images" / f"class-{i:06d}.txt").read_text() for i in range(4)]
+    assert captions == ["a digit one", "a digit two", "a digit one", "a digit two"]
+    seen = {c for b in dm.train_dataloader() for c, prior in zip(b["captions"], b["is_prior"]) if prior}
+    assert seen <= set(prompts) and seen
+    with pytest.raises(ValueError, match="no identifier beyond data.class_prompt 'a sks digit'"):
+        check_prompts("a sks digit", ["a digit", "a sks digit"], None)

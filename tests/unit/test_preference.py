@@ -35,6 +35,9 @@ def test_dpo_loss_hand_computed_and_equal_policy_gives_log2():
     assert torch.allclose(same["loss"], torch.full((2,), math.log(2.0))) and same["reward_margin"].abs().max() == 0
     tie = preference_loss(e_w, e_l, r_w, r_l, beta=10.0, tie=torch.tensor([True, False]))
     assert tie["loss"][0] == pytest.approx(0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))))
+    sft = preference_loss(e_w, e_l, r_w, r_l, beta=10.0, sft_weight=2.0)  # + 2 x the winner's own error
+    assert torch.allclose(sft["loss"], out["loss"] + 2.0 * e_w)
+    assert torch.equal(sft["reward_margin"], out["reward_margin"])
 
 
 def test_dpo_method_with_policy_equal_to_reference_gives_log2(tiny_cfg):

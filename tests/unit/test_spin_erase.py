@@ -55,7 +55,8 @@ def test_erasure_preserves_other_prompts_by_matching_the_frozen_model(tiny_cfg):
 
 
 def test_spin_starts_each_iteration_at_log2_and_refreshes_the_opponent(tiny_cfg):
-    module = build_module(tiny_cfg("method=spin", "method.steps_per_iteration=1", "method.sample_steps=2"))
+    module = build_module(tiny_cfg("method=spin", "method.steps_per_iteration=1", "method.sample_steps=2",
+                                   "method.sft_weight=0"))  # the preference part alone (the SFT term: test_preference)
     batch = digits_batch(module)
 
     def loss():

@@ -34,10 +34,10 @@ class DiffusionDPO(Method):
     name = "dpo"
     objectives = ("epsilon", "v_prediction", "flow")  # errors at shared (t, noise): any objective
 
-    def __init__(self, beta: float = 5000.0):
+    def __init__(self, beta: float = 5000.0, sft_weight: float = 0.0):
         if beta <= 0:
             raise ValueError(f"method.beta={beta}: expected a positive number (Wallace et al. use 2000-5000)")
-        self.beta = float(beta)
+        self.beta, self.sft_weight = float(beta), float(sft_weight)
 
     def setup(self, module) -> None:
         module.require_reference()
@@ -47,4 +47,4 @@ class DiffusionDPO(Method):
             raise ValueError("method=dpo needs preference pairs: set data=preference (data.kind=pair) and data.urls")
         errs = pair_errors(module, module.encode_images(batch["pixels"]), module.encode_images(batch["pixels_lose"]),
                            batch["input_ids"])
-        return preference_loss(*errs, beta=self.beta, tie=batch.get("tie"))
+        return preference_loss(*errs, beta=self.beta, tie=batch.get("tie"), sft_weight=self.sft_weight)

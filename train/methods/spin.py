@@ -24,11 +24,12 @@ class SPIN(Method):
     name = "spin"
 
     def __init__(self, beta: float = 2000.0, steps_per_iteration: int = 200, sample_steps: int = 10,
-                 sample_guidance: float = 1.0):
+                 sample_guidance: float = 1.0, sft_weight: float = 1.0):
         if steps_per_iteration <= 0 or sample_steps <= 0:
             raise ValueError("method.steps_per_iteration and method.sample_steps must be positive")
         self.beta, self.steps_per_iteration = float(beta), int(steps_per_iteration)
         self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
+        self.sft_weight = float(sft_weight)
         self.iteration = 0
 
     def setup(self, module) -> None:
@@ -48,7 +49,8 @@ class SPIN(Method):
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         real = module.encode_images(batch["pixels"])
         fake = self.opponent_samples(module, batch["input_ids"], real.shape)
-        out = preference_loss(*pair_errors(module, real, fake, batch["input_ids"]), beta=self.beta)
+        out = preference_loss(*pair_errors(module, real, fake, batch["input_ids"]), beta=self.beta,
+                              sft_weight=self.sft_weight)
         out["iteration"] = torch.tensor(float(self.iteration))
         return out
 
