@@ -1,7 +1,15 @@
 """Test-only callbacks, loaded by the real CLI through Hydra overrides (`+callbacks.x._target_=tests.helpers.X`)."""
 import json
+import socket
 
 import lightning as L
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class RecordKeys(L.Callback):

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from common import dump, train
 
+from tests.helpers import free_port
+
 STRATEGIES = ["single", "ddp", "deepspeed_stage2", "deepspeed_stage2_offload", "deepspeed_stage3",
               "deepspeed_stage3_offload"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 loopback, sharded checkpoints that resume and consolidate into a diffusers export matching an unsharded twin."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,17 +10,12 @@ import pytest
 import torch
 
 from tests.conftest import cli, small
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]
 
 TWO_RANKS = ["trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "callbacks=none", "data.batch_size=4",
              "checkpoint.every_n_steps=3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, env=None, timeout=600):

@@ -13,16 +13,11 @@ from tests.conftest import cli, small
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig):
-    run_dir = tmp_path / "pre"
-    args = small(f"paths.output_dir={tmp_path}", "run_name=pre", "callbacks=none", "checkpoint.every_n_steps=1000",
-                 "trainer.max_steps=100000", "logger=none")
-    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
-    # wait until training is under way (the first periodic checkpoint is far away: step 1000)
-    deadline = time.time() + 180
-    lines = []
+def signal_mid_training(args: list[str], sig: int, env: dict[str, str]) -> tuple[int, str]:
+    """Start the CLI, wait until training is under way (the periodic checkpoint is far away), send `sig`;
+    returns the exit code and the whole log."""
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline, lines = time.time() + 180, []
     while time.time() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
@@ -31,8 +26,16 @@ def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig)
     time.sleep(4.0)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    log = "".join(lines) + out
-    assert proc.returncode == 143, log[-3000:]
+    return proc.returncode, "".join(lines) + out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig):
+    run_dir = tmp_path / "pre"
+    args = small(f"paths.output_dir={tmp_path}", "run_name=pre", "callbacks=none", "checkpoint.every_n_steps=1000",
+                 "trainer.max_steps=100000", "logger=none")
+    code, log = signal_mid_training(args, sig, os.environ.copy())
+    assert code == 143, log[-3000:]
     assert "preempted at step" in log
     last = run_dir / "checkpoints" / "last.ckpt"
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
@@ -58,18 +61,8 @@ def test_slurm_signal_saves_then_requeues_the_job(tmp_path):
     env.pop("FOUNDRY_RUN_NAME", None)
     args = small(f"paths.output_dir={tmp_path}", "callbacks=none", "checkpoint.every_n_steps=1000",
                  "trainer.max_steps=100000", "logger=none")
-    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline, lines = time.time() + 180, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Total params" in line or "Trainable params" in line:
-            break
-    time.sleep(4.0)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    log = "".join(lines) + out
-    assert proc.returncode == 143, log[-3000:]
+    code, log = signal_mid_training(args, signal.SIGUSR1, env)
+    assert code == 143, log[-3000:]
     assert calls.read_text().split() == ["requeue", "4242"]
     run_dir = tmp_path / "job-4242"  # SLURM runs are named after the job: the requeued job finds the same folder
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
