@@ -168,3 +168,29 @@ def test_every_ddpo_unit_has_a_policy_gradient_including_the_last_transition(tin
         out = module.method.loss(batch, module)
         assert out["loss"].requires_grad
         out["loss"].sum().backward()
+
+
+def test_reward_backprop_pretrain_regulariser_adds_the_denoising_loss(tiny_cfg):
+    """ReFL's regulariser: with pretrain_weight=w the per-sample loss is -reward + w x the core's denoising loss on the
+    batch's images (same noise draw), and a prompt-only batch is refused in one line."""
+    from train.build import build_module
+
+    captions = ["a handwritten digit one", "a handwritten digit two"]
+    module = build_module(tiny_cfg("experiment=reward_backprop", "method.sample_steps=2",
+                                   "method.pretrain_weight=0.5"))
+    ids = module.components.tokenizer(captions, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    size = module.components.sample_size
+    batch = {"input_ids": ids, "captions": captions, "pixels": torch.rand(2, 3, size, size) * 2 - 1}
+    module.noise_generator.manual_seed(0)
+    with_reg = module.method.loss(batch, module)
+    module.method.pretrain_weight = 0.0
+    module.noise_generator.manual_seed(0)
+    without = module.method.loss(batch, module)
+    assert torch.allclose(with_reg["reward_mean"], without["reward_mean"])
+    extra = (with_reg["loss"] - without["loss"]).detach()
+    assert extra.shape == (2,)
+    assert extra.min() > 0 and torch.allclose(extra.mean(), 0.5 * with_reg["pretrain_loss"], rtol=1e-5)
+    module.method.pretrain_weight = 0.5
+    with pytest.raises(ValueError, match="method.pretrain_weight > 0 needs images") as err:
+        module.method.loss({"input_ids": ids, "captions": captions}, module)
+    assert "\n" not in str(err.value)

@@ -1,6 +1,9 @@
 """Reward backpropagation (DRaFT-K, Clark et al.; AlignProp, Prabhudesai et al.): maximise a differentiable reward
 by backpropagating through the last K denoising steps of the model's own sampler (K = sample_steps: AlignProp's
-full chain), with gradient checkpointing so memory does not grow with K. The loss is -reward per sample.
+full chain), with gradient checkpointing so memory does not grow with K. The loss is -reward per sample, plus
+optionally (`pretrain_weight` > 0, ReFL's regulariser, Xu et al.) the core's denoising loss on the batch's real images,
+which keeps the model a sampler of the data while the reward pulls on its last steps: without it a small model drifts
+to images the reward was never trained on.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from train.methods.base import Method
+from train.methods.denoise import denoising_loss
 from train.rewards import Reward, finite_rewards
 from train.sampling import ddim_scheduler, guided, sample
 
@@ -21,14 +25,17 @@ class RewardBackprop(Method):
     name = "reward_backprop"
 
     def __init__(self, reward: Reward, sample_steps: int = 20, grad_last: int = 1, guidance: float = 1.0,
-                 checkpointing: bool = True):
+                 checkpointing: bool = True, pretrain_weight: float = 0.0):
         if not reward.differentiable:
             raise ValueError(f"method=reward_backprop: reward '{reward.name}' is not differentiable; use DDPO "
                              "(method=ddpo) for it, or a differentiable reward (digits, clip_score, aesthetic)")
         if not 1 <= grad_last <= sample_steps:
             raise ValueError(f"method.grad_last={grad_last}: expected 1..sample_steps ({sample_steps})")
         self.reward, self.sample_steps, self.grad_last = reward, int(sample_steps), int(grad_last)
+        if pretrain_weight < 0:
+            raise ValueError(f"method.pretrain_weight={pretrain_weight}: expected >= 0 (0 turns the regulariser off)")
         self.guidance, self.checkpointing = float(guidance), bool(checkpointing)
+        self.pretrain_weight = float(pretrain_weight)
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         ids, prompts = batch["input_ids"], batch["captions"]
@@ -53,4 +60,12 @@ class RewardBackprop(Method):
             log.warning("reward_backprop: every reward was NaN/Inf; this step is skipped")
             return {"loss": torch.full_like(rewards, float("nan"))}
         loss = torch.where(ok, -rewards, torch.zeros_like(rewards)) * (len(rewards) / int(ok.sum()))
-        return {"loss": loss, "reward_mean": rewards[ok].detach().mean(), "reward_nonfinite": torch.tensor(float(bad))}
+        out = {"reward_mean": rewards[ok].detach().mean(), "reward_nonfinite": torch.tensor(float(bad))}
+        if self.pretrain_weight > 0:
+            if "pixels" not in batch:
+                raise ValueError("method.pretrain_weight > 0 needs images in the batch (caption/image shards); set "
+                                 "method.pretrain_weight=0 for prompt-only data")
+            reg = denoising_loss(module, module.encode_images(batch["pixels"]), ids)["loss"]
+            loss = loss + self.pretrain_weight * reg
+            out["pretrain_loss"] = reg.detach().mean()
+        return {"loss": loss, **out}
