@@ -189,11 +189,13 @@ def render(runs: list[RunFiles], out: Path, metric: str = "train/loss", smooth: 
     ax_loss, ax_acc, ax_fd = top.subplots(1, 3)
     colors = plt.get_cmap("tab10")
     labels = short_labels(runs)
+    positive = True  # a log axis for losses; rewards and margins can be negative
     for i, r in enumerate(runs):
         label, color = labels[i], colors(i % 10)
         points = sorted(r.curves.get(metric, []))
         if points:
             steps, values = zip(*points)
+            positive = positive and min(values) > 0
             ema, smoothed = values[0], []
             for v in values:
                 ema = smooth * ema + (1 - smooth) * v
@@ -205,7 +207,7 @@ def render(runs: list[RunFiles], out: Path, metric: str = "train/loss", smooth: 
             pts = by_guidance(ev, key)
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=color, label=label)
-    ax_loss.set(title=f"{metric} (EMA {smooth})", xlabel="step", yscale="log")
+    ax_loss.set(title=f"{metric} (EMA {smooth})", xlabel="step", yscale="log" if positive else "linear")
     ax_acc.set(title="digits prompt accuracy (last eval)", xlabel="guidance scale", ylim=(0, 1))
     ax_acc.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance")
     ax_fd.set(title="Fréchet distance (judge features; lower is better)", xlabel="guidance scale")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) -> dict:
     """`foundry-train` through the real CLI; returns summary.json plus the wall-clock, fails loudly."""
-    cmd = [sys.executable, "-m", "train.main", f"paths.output_dir={out}", f"run_name={run_name}", "logger=csv",
+    cmd = [sys.executable, "-m", "train.main", f"paths.output_dir={out}", f"run_name={run_name}", "logger=wandb",
            "trainer.enable_progress_bar=false", *overrides]
     t0 = time.perf_counter()
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -27,6 +27,14 @@ def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) ->
     summary["wall_seconds"] = round(wall, 1)
     summary["command"] = "foundry-train " + " ".join(overrides)
     return summary
+
+
+def plot(out: Path, runs: list[str], metric: str) -> str:
+    """The runs' `metric` curves, last evaluations and sample grids as one PNG (foundry-report) in `out`."""
+    from train.report import load_run, render
+
+    png = out / f"curves_{metric.replace('/', '_')}.png"
+    return str(render([load_run(out / r) for r in runs if (out / r).is_dir()], png, metric))
 
 
 def pipeline(ckpt: str | Path, use_ema: bool = True):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, digits_metrics, dump, pipeline, train
+from common import ROOT, digits_metrics, dump, pipeline, plot, train
 from PIL import Image
 
 GUIDANCE = (1.0, 2.0, 3.0)
@@ -83,6 +83,7 @@ def main() -> None:
         result[variant] = {"train_seconds": s["wall_seconds"], "command": s["command"],
                            "implicit_acc": s.get("train/implicit_acc"),
                            "after": digits_metrics(pipeline(ckpt), GUIDANCE)}
+    result["curves_png"] = [plot(args.out, args.variants, m) for m in ("train/reward_margin", "train/implicit_acc")]
     dump(result, args.out / "dpo_digits.json")
 
 

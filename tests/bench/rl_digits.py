@@ -12,7 +12,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from common import digits_metrics, dump, pipeline, train
+from common import digits_metrics, dump, pipeline, plot, train
 
 GUIDANCE = (1.0, 2.0)
 
@@ -69,6 +69,7 @@ def main() -> None:
         if "train/rollout_seconds" in s:
             entry["rollout_seconds"], entry["non_rollout_seconds"] = s["train/rollout_seconds"], s["train/train_seconds"]
         result[name] = entry
+    result["curves_png"] = plot(args.out, args.variants, "train/reward_mean")
     dump(result, args.out / "rl_digits.json")
 
 

@@ -12,7 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from common import digits_metrics, dump, pipeline, train
+from common import digits_metrics, dump, pipeline, plot, train
 
 from data.digits import eval_prompt
 
@@ -66,6 +66,7 @@ def main() -> None:
             result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"],
                             "after": erase_scores(pipeline(args.out / name / "checkpoints" / "last.ckpt"))}
         result["erase_lora"]["load_time_scales"] = lora_scales(args.out / "erase_lora", args.out / "erase_lora_export")
+    result["curves_png"] = plot(args.out, ["spin", "erase_full", "erase_lora"], "train/loss")
     dump(result, args.out / "spin_erase_digits.json")
 
 

@@ -34,6 +34,7 @@ def test_train_resume_and_export_end_to_end(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run written"
+    assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text(), "tracking.csv: no CSV beside W&B"
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     s = summary(run_dir)
     assert s["global_step"] == 4 and s["resumed_from"] is None
