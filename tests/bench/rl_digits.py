@@ -1,8 +1,9 @@
 """Online RL on the digits world through the real CLI: DDPO (full and LoRA) with the digits judge's reward,
 reward backprop (DRaFT-K) with the same reward, and DDPO with JPEG incompressibility.
 
-Reports the reward curve (from the run's CSV metrics: reward per optimizer step), unguided prompt accuracy before
-and after on held-out seeds, and the wall-clock split between sampling (rollouts) and training.
+Reports the reward curve (from the run's CSV metrics: reward per optimizer step; PNG beside the JSON), the mean reward
+(digits log-prob, JPEG KB) and unguided prompt accuracy before and after on held-out seeds, and the wall-clock
+split between sampling (rollouts) and training.
 
     python tests/bench/rl_digits.py --base RUN_DIR --out /tmp/rl [--variants ddpo ddpo_lora reward_backprop jpeg]
 """
@@ -22,15 +23,24 @@ def curve(run: Path, key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
 
-def jpeg_reward(pipe, n: int = 64) -> float:
+def heldout_reward(pipe, reward, per_digit: int = 10) -> float:
+    """Mean reward of unguided samples on held-out seeds (not the training rollouts' seeds): `per_digit` samples of
+    each digit's prompt, 20 DDIM steps, guidance 1 (the RL runs sample unguided too)."""
     import torch
 
-    from train.rewards import JpegSize
+    from train.rewards import WORD_TO_DIGIT
 
-    gens = [torch.Generator().manual_seed(777 + i) for i in range(n)]
-    images = pipe(["a handwritten digit three"] * n, num_inference_steps=20, guidance_scale=1.0, generator=gens,
-                  output_type="pt").images * 2 - 1
-    return round(float(JpegSize(1)(images, [""] * n).mean()), 4)
+    prompts = [f"a handwritten digit {w}" for w in WORD_TO_DIGIT for _ in range(per_digit)]
+    gens = [torch.Generator().manual_seed(777 + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=1.0, generator=gens, output_type="pt").images * 2 - 1
+    with torch.no_grad():
+        return round(float(reward(images, prompts).mean()), 4)
+
+
+def rewards_of(pipe) -> dict:
+    from train.rewards import DigitsLogProb, JpegSize
+
+    return {"digits_logprob": heldout_reward(pipe, DigitsLogProb()), "jpeg_kb": heldout_reward(pipe, JpegSize(1))}
 
 
 VARIANTS = {
@@ -52,7 +62,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base = pipeline(args.base)
     result: dict = {"benchmark": "rl_digits", "base": str(args.base), "before": digits_metrics(base, GUIDANCE),
-                    "before_jpeg_kb": jpeg_reward(base)}
+                    "before_heldout_reward": rewards_of(base)}
     for name in args.variants:
         s = train(args.out, name, *VARIANTS[name], f"model.pretrained={args.base}", f"trainer.max_steps={args.steps}",
                   "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0",
@@ -62,9 +72,8 @@ def main() -> None:
         entry = {"train_seconds": s["wall_seconds"], "command": s["command"],
                  "reward_first_last": [rewards[0][1], rewards[-1][1]] if rewards else None,
                  "reward_curve": rewards[:: max(1, len(rewards) // 20)]}
-        if name == "jpeg":
-            entry["jpeg_kb_after"] = jpeg_reward(pipe)
-        else:
+        entry["after_heldout_reward"] = rewards_of(pipe)
+        if name != "jpeg":
             entry["after"] = digits_metrics(pipe, GUIDANCE)
         if "train/rollout_seconds" in s:
             entry["rollout_seconds"], entry["non_rollout_seconds"] = s["train/rollout_seconds"], s["train/train_seconds"]
