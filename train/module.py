@@ -258,26 +258,13 @@ class DiffusionModule(L.LightningModule):
 
     # ----- optimizer -----
     def configure_optimizers(self):
-        cfg = dict(self.optimizer_cfg)
-        name = cfg.pop("name", "adamw")
+        from train.optim import build_optimizer
+
         params = self.trainable_parameters()
         if not params:
             raise ValueError("optimizer: the model has no trainable parameters; check model/adapter settings")
-        if name != "adamw":
-            raise ValueError(f"optimizer.name: '{name}' is not supported yet; use adamw")
-        fused = cfg.pop("fused", None)
-        if fused is None:  # fused kernels where the parameters' device has them
-            fused = params[0].device.type == "cuda"
-        hyper = dict(lr=cfg.pop("lr"), betas=tuple(cfg.pop("betas", (0.9, 0.999))),
-                     weight_decay=cfg.pop("weight_decay", 0.01), eps=cfg.pop("eps", 1e-8))
-        if offloads_optimizer(self._trainer):  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
-        else:
-            optimizer = torch.optim.AdamW(params, fused=bool(fused), **hyper)
-        if cfg:
-            raise ValueError(f"optimizer: unknown key(s) {sorted(cfg)}")
+        optimizer = build_optimizer(dict(self.optimizer_cfg), params, modules=(self.unet, self.text_encoder),
+                                    cpu_offload=offloads_optimizer(self._trainer))
         sched_cfg = dict(self.lr_scheduler_cfg)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
         scheduler = get_scheduler(sched_cfg.pop("name", "constant"), optimizer,

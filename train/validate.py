@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from train.optim import OPTIMIZERS, SHARDABLE
+
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine"}
 
 
@@ -74,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "data.resolution", lambda v: _int(v) and v > 0, "a positive integer (pixels) or null (the model's)",
            optional=True)
     _check(cfg, "optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
+    _check(cfg, "optimizer.name", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     _check(cfg, "lr_scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "checkpoint.every_n_steps", lambda v: _int(v) and v > 0, "a positive integer")
     _check(cfg, "checkpoint.keep_last", lambda v: _int(v) and (v > 0 or v == -1), "a positive integer (or -1: all)")
@@ -128,6 +131,10 @@ def validate_combinations(cfg: DictConfig) -> None:
 def validate_strategy(cfg: DictConfig) -> None:
     """Sharded strategies that cannot run here, or cannot run with these settings."""
     target = _target(cfg, "strategy")
+    optimizer = _get(cfg, "optimizer.name") or "adamw"
+    if (target.endswith(".FSDP") or target.endswith(".DeepSpeed")) and optimizer not in SHARDABLE:
+        raise ConfigError(f"optimizer.name={optimizer} with a sharded strategy: each rank would see only its shard's "
+                          f"statistics; use optimizer.name={' or '.join(SHARDABLE)}, or strategy=ddp")
     if target.endswith(".FSDP"):
         import torch
 
