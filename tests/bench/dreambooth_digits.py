@@ -83,8 +83,11 @@ def main() -> None:
         s = train(args.out, f"db-{name}", f"experiment={args.experiment}", f"model.pretrained={base}",
                   f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT}",
                   f"data.class_prompt={class_prompt}", f"data.prior_preservation={str(prior).lower()}",
-                  f"data.class_dir={args.out / f'class_images_{args.class_prompts}'}", "data.num_class_images=198",
-                  f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8", *args.extra)
+                  f"data.class_dir={args.out / f'class_images_{args.class_prompts}_g2'}", "data.num_class_images=198",
+                  f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8",
+                  # digits are not mirror-symmetric (a flipped 3 is no 3): no flips; class images at the base's best
+                  # guidance, so the prior loss replays what the base does well
+                  "data.random_flip=false", "data.class_generation.guidance_scale=2.0", *args.extra)
         result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}")}
     dump(result, args.out / "dreambooth_digits.json")
 

@@ -43,7 +43,8 @@ def optuna_sweep(tmp_path_factory):
     """`foundry-train -m sweep=digits_lr_bs`, shrunk to 2 micro trials, logging to W&B offline."""
     out = tmp_path_factory.mktemp("optuna")
     res = run(cli("-m", "sweep=digits_lr_bs", *small(f"paths.output_dir={out}", "logger=wandb",
-                                                      "hydra.sweeper.n_trials=2", f"+tracking.api_token={TOKEN}")),
+                                                      "hydra.sweeper.n_trials=2", "tracking.csv=false",
+                                                      f"+tracking.api_token={TOKEN}")),
               out)
     return out, res
 
