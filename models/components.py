@@ -24,7 +24,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: flow matching / 
 
 @dataclass
 class Components:
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # the denoiser: a UNet, or a transformer with the UNet's call (models/backbones.py)
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
     scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
@@ -78,6 +78,11 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DCondi
 
     The new projection starts at zero, so the student starts as exactly its teacher; called without
     `timestep_cond`, the UNet is the teacher unchanged."""
+    from models.backbones import is_transformer
+
+    if is_transformer(unet):
+        raise ValueError(f"model.guidance_embedding={dim}: transformer presets take no guidance-weight input; use a "
+                         "UNet model for LCM / guidance distillation")
     if unet.config.time_cond_proj_dim == dim:
         return unet
     if unet.config.time_cond_proj_dim is not None:
@@ -99,7 +104,8 @@ def check_pretrained_folder(path: str | Path) -> Path:
     if not p.is_dir():
         raise FileNotFoundError(f"model.pretrained: '{p}' is not a folder; give a local diffusers model folder "
                                 "(with unet/, text_encoder/, tokenizer/, scheduler/) or use model=tiny_pixel")
-    missing = [s for s in REQUIRED_SUBFOLDERS if not (p / s).is_dir()]
+    has = {s for s in REQUIRED_SUBFOLDERS if (p / s).is_dir()} | ({"unet"} if (p / "transformer").is_dir() else set())
+    missing = [s for s in REQUIRED_SUBFOLDERS if s not in has]
     if missing:
         raise FileNotFoundError(f"model.pretrained: '{p}' lacks subfolder(s) {', '.join(missing)}; a diffusers "
                                 "model folder (as saved by save_pretrained) has unet/, text_encoder/, tokenizer/, "
@@ -134,13 +140,31 @@ def load_scheduler(folder: Path):
     return DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
 
 
+def load_backbone(folder: Path):
+    """The denoiser of a diffusers folder: a UNet (`unet/`), or a PixArt/DiT transformer (`transformer/`, or our
+    exports' `unet/` holding one), the latter wrapped to take the UNet's call signature."""
+    import json
+
+    from models.backbones import FoundryPixArt
+
+    sub = "unet" if (folder / "unet").is_dir() else "transformer"
+    config = folder / sub / "config.json"
+    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+    if name == "PixArtTransformer2DModel":
+        return FoundryPixArt.from_pretrained(folder, subfolder=sub)
+    if "Transformer" in name:
+        raise ValueError(f"model.pretrained: '{folder / sub}' holds a {name}; the transformer backbones loaded here "
+                         "are PixArt/DiT-style (PixArtTransformer2DModel)")
+    return UNet2DConditionModel.from_pretrained(folder, subfolder=sub)
+
+
 def load_pretrained(path: str | Path, prediction_type: str | None = None, flow_shift: float = 1.0) -> Components:
     """Load components from a local diffusers folder (Stable Diffusion layout or our own exports)."""
     p = check_pretrained_folder(path)
     scheduler = with_prediction_type(load_scheduler(p), prediction_type, flow_shift)
     vae = AutoencoderKL.from_pretrained(p, subfolder="vae") if (p / "vae").is_dir() else None
     return Components(
-        unet=UNet2DConditionModel.from_pretrained(p, subfolder="unet"),
+        unet=load_backbone(p),
         text_encoder=CLIPTextModel.from_pretrained(p, subfolder="text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(p / "tokenizer"),
         scheduler=scheduler,

@@ -9,6 +9,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchEulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,
                        StableDiffusionPipeline)
 
+from models.backbones import is_transformer
 from models.components import Components
 from models.pipeline import FoundryPixelPipeline
 
@@ -39,6 +40,9 @@ def make_pipeline(comps: Components, sampler: str = "ddim"):
     scheduler = make_sampler(comps, sampler)
     if comps.vae is None:
         pipe = FoundryPixelPipeline(comps.unet, comps.text_encoder, comps.tokenizer, scheduler)
+    elif is_transformer(comps.unet):
+        raise ValueError("export: latent-space transformer models have no pipeline here yet (diffusers' PixArt "
+                         "pipelines expect a T5 text encoder); pixel-space transformer presets export and sample")
     else:  # a latent LCM student takes the guidance weight as input: diffusers' LCM pipeline passes it
         lcm = sampler == "lcm" and comps.unet.config.time_cond_proj_dim is not None
         cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
@@ -58,5 +62,7 @@ def export_pipeline(comps: Components, out: str | Path, sampler: str = "ddim") -
         index_path = out / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = ["pipeline", FoundryPixelPipeline.__name__]
+        if is_transformer(comps.unet):  # saved as the plain diffusers class (models/backbones.py)
+            index["unet"] = ["diffusers", "PixArtTransformer2DModel"]
         index_path.write_text(json.dumps(index, indent=2))
     return out

@@ -1,4 +1,4 @@
-"""A diffusers pipeline for pixel-space, CLIP-conditioned text-to-image UNets (no VAE).
+"""A diffusers pipeline for pixel-space, CLIP-conditioned text-to-image UNets or PixArt/DiT transformers (no VAE).
 
 diffusers ships no stock pipeline for this (DeepFloyd IF expects T5), so this file is copied next to
 `model_index.json` on export and loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`.
@@ -77,7 +77,7 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             inp = torch.cat([x, x]) if do_cfg else x
             if hasattr(self.scheduler, "scale_model_input"):
                 inp = self.scheduler.scale_model_input(inp, t)
-            out = self.unet(inp, t, encoder_hidden_states=cond.to(dtype), timestep_cond=timestep_cond).sample
+            out = _denoise(self.unet, inp, t, cond.to(dtype), timestep_cond)
             if do_cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance_scale * (text - uncond)
@@ -96,6 +96,15 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (out_images,)
         return ImagePipelineOutput(images=out_images)
+
+
+def _denoise(model, x: torch.Tensor, t, cond: torch.Tensor, timestep_cond: torch.Tensor | None) -> torch.Tensor:
+    """A UNet (or a backbone that takes the UNet's call), or a plain PixArt/DiT transformer as diffusers loads it."""
+    if not hasattr(model.config, "patch_size") or getattr(model, "unet_call", False):
+        return model(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
+    t = torch.as_tensor(t, device=x.device)
+    return model(x, encoder_hidden_states=cond, timestep=t.expand(x.shape[0]) if t.ndim == 0 else t,
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
 
 
 def _step_params(scheduler) -> set[str]:

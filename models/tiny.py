@@ -70,7 +70,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512, max_length: int = 
                                    model_max_length=max_length)
 
 
-def build_text_encoder(p: Preset, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+def build_text_encoder(p, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
     """A CLIP text encoder whose special-token ids live inside the small vocabulary (NOTES: pooling)."""
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=2 * p.text_hidden,
                          num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
@@ -91,10 +91,21 @@ def build_unet(p: Preset, resolution: int, in_channels: int, cross_attention_dim
 
 def build_preset(name: str, resolution: int, in_channels: int = 3, seed: int = 0,
                  corpus: list[str] | None = None):
-    """(unet, text_encoder, tokenizer) for a named preset, deterministic for a given seed."""
-    if name not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset '{name}'; choose one of {sorted(PRESETS)} "
-                         "or set model.pretrained=/path/to/diffusers_folder")
+    """(backbone, text_encoder, tokenizer) for a named preset (a UNet, or a DiT for the `dit_*` presets),
+    deterministic for a given seed."""
+    from models.backbones import TRANSFORMER_PRESETS, build_transformer
+
+    if name not in PRESETS and name not in TRANSFORMER_PRESETS:
+        raise ValueError(f"model.preset: unknown preset '{name}'; choose one of "
+                         f"{sorted(PRESETS) + sorted(TRANSFORMER_PRESETS)} or set model.pretrained=/path/to/folder")
+    if name in TRANSFORMER_PRESETS:
+        t = TRANSFORMER_PRESETS[name]
+        tokenizer = build_tokenizer(corpus or default_caption_corpus(), t.vocab_size, t.max_length)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = build_text_encoder(t, tokenizer)
+            backbone = build_transformer(t, resolution, in_channels, name)
+        return backbone, text_encoder, tokenizer
     p = PRESETS[name]
     if resolution % (2 ** (len(p.block_out_channels) - 1)):
         raise ValueError(f"model.resolution={resolution} must be divisible by "
