@@ -63,6 +63,7 @@ class LastCheckpoint(L.Callback):
         self.saved_path: Path | None = None
         self._previous: dict[int, Any] = {}
         self._received: int | None = None
+        self._saved_step = -1
 
     def on_fit_start(self, trainer, module) -> None:
         connector = trainer._signal_connector
@@ -83,11 +84,26 @@ class LastCheckpoint(L.Callback):
         periodic = trainer.checkpoint_callback
         if periodic is None or getattr(periodic, "_last_global_step_saved", -1) != trainer.global_step:
             trainer.save_checkpoint(path)
-        self.saved_path = path
+        self.saved_path, self._saved_step = path, trainer.global_step
         return path
 
-    def on_train_end(self, trainer, module) -> None:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        """The final checkpoint is taken after the last batch, not at train end: by then Lightning has closed the
+        epoch, and a run resumed from that state numbers its batches wrongly (a stopped-at-epoch-end run would
+        replay part of an epoch)."""
+        if not (0 < trainer.max_steps <= trainer.global_step):
+            return
+        periodic = trainer.checkpoint_callback
+        every = getattr(periodic, "_every_n_train_steps", 0) or 0
+        if periodic is not None and every and trainer.global_step % every == 0:
+            self.saved_path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"  # it saves this step
+            self._saved_step = trainer.global_step
+            return
         self._save(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.saved_path is None or self._saved_step != trainer.global_step:
+            self._save(trainer)
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):

@@ -181,6 +181,10 @@ class ShardDataModule(L.LightningDataModule):
                         "epoch %d from its beginning instead of resuming it exactly", self._epoch)
         elif batches and self.steps_per_epoch and batches < self.steps_per_epoch:
             self._resume = (self._epoch, batches)
+        elif batches and self.steps_per_epoch:
+            # saved on the epoch's last batch: the loader is built while the trainer still says this epoch, but
+            # the next batch is the first of the next epoch
+            self._resume = (self._epoch + 1, 0)
 
 
 def _plain(urls: Any) -> str | list[str] | None:

@@ -112,10 +112,10 @@ def build_logger(cfg: DictConfig):
     with scrubbed_argv():  # the first call starts the W&B run, which records the command line
         logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
     if cfg.get("tracking", {}).get("csv", False) and "CSVLogger" not in node._target_:
-        from lightning.pytorch.loggers import CSVLogger
+        from train.csvlog import ResumableCSVLogger
 
         # the same metrics as plain CSV beside W&B: foundry-report and scripts read them without a W&B install
-        return [logger, CSVLogger(save_dir=cfg.paths.run_dir, name="csv", version="")]
+        return [logger, ResumableCSVLogger(save_dir=cfg.paths.run_dir, name="csv", version="")]
     return logger
 
 

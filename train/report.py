@@ -83,7 +83,8 @@ def read_csv_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
                 value = _number(cell)
                 if key not in ("step", "epoch") and step is not None and value is not None:
                     curves.setdefault(key, []).append((int(step), value))
-    return curves
+    # a resumed run appends: steps it redid after the checkpoint appear twice, and the later row is the one kept
+    return {key: sorted(dict(points).items()) for key, points in curves.items()}
 
 
 def wandb_records(run_file: Path) -> list[dict]:

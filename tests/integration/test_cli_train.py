@@ -49,6 +49,10 @@ def test_train_resume_and_export_end_to_end(tmp_path):
     assert "resuming from" in res.stdout + res.stderr and "at step 4" in res.stdout + res.stderr
     s = summary(run_dir)
     assert s["global_step"] == 6 and s["resumed_from"].endswith("last.ckpt")
+    from train.report import read_csv_curves
+
+    # the resumed run appended to the first run's metrics.csv instead of replacing it
+    assert [step for step, _ in read_csv_curves(run_dir / "csv" / "metrics.csv")["train/loss"]] == list(range(6))
 
     # Export -> a diffusers folder that diffusers itself loads and samples from, offline.
     out = tmp_path / "exported"
@@ -89,7 +93,10 @@ def test_sigkill_then_resume_continues_step_count(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"at step {step}" in res.stdout + res.stderr
     assert summary(run_dir)["global_step"] == step + 3
-    metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
-    header = metrics[0].split(",")
-    steps = [int(r.split(",")[header.index("step")]) for r in metrics[1:] if r.split(",")[header.index("step")]]
-    assert steps and min(steps) >= step, "the resumed loss curve restarted from step 0"
+    from train.report import read_csv_curves
+
+    # one history: what the killed run flushed before the checkpoint, then the resumed steps (never from 0 again,
+    # never the killed run's rows past the checkpoint)
+    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    steps = [s for s, _ in read_csv_curves(run_dir / "csv" / "metrics.csv")["train/loss"]]
+    assert len(rows) - 1 == len(steps) and steps[-3:] == [step, step + 1, step + 2] and max(steps) == step + 2

@@ -24,16 +24,25 @@ def train(tmp_path, name, max_steps, extra=()):
     return [json.loads(line) for line in keys.read_text().splitlines()], res.stdout + res.stderr
 
 
-def test_interrupted_run_sees_the_same_samples_and_ends_with_the_same_weights(tmp_path):
-    straight, _ = train(tmp_path, "straight", 12)
-    first, _ = train(tmp_path, "resumed", 7)           # stops at step 7: epoch 1, two batches into it
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    keys, _ = train(tmp, "straight", 12)
+    return tmp, keys
+
+
+# 7: epoch 1, two batches into it; 5: the last batch of epoch 0 (the next epoch must be epoch 1, not epoch 0 again)
+@pytest.mark.parametrize("stop", [7, 5])
+def test_interrupted_run_sees_the_same_samples_and_ends_with_the_same_weights(tmp_path, straight, stop):
+    straight_dir, straight = straight
+    first, _ = train(tmp_path, "resumed", stop)
     resumed, log = train(tmp_path, "resumed", 12)       # same run name: resumes from last.ckpt, appends keys
-    assert "at step 7" in log and len(first) == 7
+    assert f"at step {stop}" in log and len(first) == stop
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 13))
     assert [r["keys"] for r in resumed] == [r["keys"] for r in straight], "the resumed stream diverged"
     assert len({k for r in straight for k in r["keys"]}) > 8  # the test would be vacuous on a constant stream
 
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    a = torch.load(straight_dir / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
     for name, tensor in a["state_dict"].items():
