@@ -103,14 +103,15 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=False,
         )
 
-    def build_train_stream(self, urls: list[str], seed: int | None = None) -> ShardStream:
+    def build_train_stream(self, urls: list[str], seed: int | None = None,
+                           caption_dropout: float | None = None) -> ShardStream:
         """A training stream over `urls` with this module's settings (subclasses mix several of these)."""
         return build_stream(
             urls,
             tokenizer=self.tokenizer,
             resolution=self.resolution,
             batch_size=self.batch_size,
-            caption_dropout=self.caption_dropout,
+            caption_dropout=self.caption_dropout if caption_dropout is None else caption_dropout,
             center_crop=self.center_crop,
             random_flip=self.random_flip,
             shuffle_buffer=self.shuffle_buffer,

@@ -127,7 +127,8 @@ class DreamBoothDataModule(ShardDataModule):
     def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | list[str] | None = None,
                  class_dir: str | None = None, num_class_images: int = 100, prior_preservation: bool = True,
                  identifier: str | None = None, shard_dir: str = "dreambooth-data",
-                 class_generation: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 class_generation: dict[str, Any] | None = None, prior_caption_dropout: float = 0.1,
+                 **kwargs: Any) -> None:
         kwargs.pop("urls", None)
         super().__init__(urls=None, **kwargs)
         self.instance_dir = Path(str(instance_dir)).expanduser()
@@ -140,6 +141,9 @@ class DreamBoothDataModule(ShardDataModule):
         self.identifier = identifier
         self.shard_dir = Path(str(shard_dir)).expanduser()
         self.class_generation = dict(class_generation or {})
+        if not 0.0 <= float(prior_caption_dropout) < 1.0:
+            raise ValueError(f"data.prior_caption_dropout={prior_caption_dropout}: give a share in [0, 1), e.g. 0.1")
+        self.prior_caption_dropout = float(prior_caption_dropout)
         self.components = None
         self.ignored_files: list[Path] = []
         self.instance_skipped: dict[str, int] = {}
@@ -200,11 +204,14 @@ class DreamBoothDataModule(ShardDataModule):
         instance = self._stream(self._shards("instance"), "instance")
         stream: Any = instance
         if self.prior_preservation:
-            stream = PairedStream(instance, self._stream(self._shards("class"), "class"))
+            # class images also train the empty prompt now and then: the unconditional branch that classifier-free
+            # guidance steers against stays the base's, instead of drifting with the subject
+            stream = PairedStream(instance, self._stream(self._shards("class"), "class", self.prior_caption_dropout))
         if self._resume is not None:
             stream.resume_at(*self._resume)
             self._resume = None
         return self._loader(stream, self.num_workers)
 
-    def _stream(self, urls: list[str], name: str) -> ShardStream:
-        return self.build_train_stream(urls, seed=derive_seed(self.seed, name) % 2**31)  # independent draws
+    def _stream(self, urls: list[str], name: str, caption_dropout: float | None = None) -> ShardStream:
+        return self.build_train_stream(urls, seed=derive_seed(self.seed, name) % 2**31,  # independent draws
+                                       caption_dropout=caption_dropout)

@@ -23,8 +23,10 @@ def write_images(folder, n, size=(20, 24), fmt="PNG", seed=0):
 def datamodule(tmp_path, instance_dir, **kw):
     dm = DreamBoothDataModule(instance_dir=str(instance_dir), instance_prompt=kw.pop("instance_prompt", "a sks digit"),
                               class_prompt=kw.pop("class_prompt", "a digit"), shard_dir=str(tmp_path / "db"),
-                              resolution=16, batch_size=2, num_workers=0, steps_per_epoch=3, shuffle_buffer=4,
-                              num_class_images=kw.pop("num_class_images", 3), **kw)
+                              resolution=16, batch_size=2, num_workers=0, steps_per_epoch=kw.pop("steps_per_epoch", 3),
+                              shuffle_buffer=4,
+                              num_class_images=kw.pop("num_class_images", 3),
+                              prior_caption_dropout=kw.pop("prior_caption_dropout", 0.0), **kw)
     dm.set_tokenizer(tokenizer())
     return dm
 
@@ -124,3 +126,23 @@ def test_several_class_prompts_caption_each_class_image_with_its_own(tmp_path):
     assert seen <= set(prompts) and seen
     with pytest.raises(ValueError, match="no identifier beyond data.class_prompt 'a sks digit'"):
         check_prompts("a sks digit", ["a digit", "a sks digit"], None)
+
+
+def test_prior_caption_dropout_blanks_only_class_captions(tmp_path):
+    """Class images train the empty prompt at `prior_caption_dropout`, so guidance's unconditional branch stays the
+    base's; instance images always keep their prompt."""
+    inst, klass = tmp_path / "inst", tmp_path / "class"
+    write_images(inst, 4)
+    write_images(klass, 6, seed=1)
+    dm = datamodule(tmp_path, inst, class_dir=str(klass), num_class_images=6, prior_caption_dropout=0.5,
+                    caption_dropout=0.0,
+                    steps_per_epoch=40)
+    dm.setup("fit")
+    dm.prepare_data()
+    pairs = [(c, p) for b in dm.train_dataloader() for c, p in zip(b["captions"], b["is_prior"].tolist())]
+    instance = [c for c, p in pairs if not p]
+    prior = [c for c, p in pairs if p]
+    assert instance and all(c == "a sks digit" for c in instance)
+    assert set(prior) == {"", "a digit"} and 0.3 < prior.count("") / len(prior) < 0.7
+    with pytest.raises(ValueError, match="data.prior_caption_dropout=1.5"):
+        datamodule(tmp_path, inst, prior_caption_dropout=1.5)
