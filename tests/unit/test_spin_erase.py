@@ -47,6 +47,7 @@ def test_erasure_preserves_other_prompts_by_matching_the_frozen_model(tiny_cfg):
     module = build_module(tiny_cfg("experiment=erase", "method.concept=a handwritten digit seven",
                                    "method.sample_steps=3", "method.preserve=[a handwritten digit one,"
                                    "a handwritten digit two]", "method.preserve_weight=2.0"))
+    assert module.method.preserve == ["a handwritten digit one", "a handwritten digit two", ""]  # + unconditional
     module.noise_generator.manual_seed(0)
     out = module.method.loss(digits_batch(module, n=4), module)
     assert out["loss"].shape == (4,)

@@ -13,7 +13,8 @@ ESD-x: erases the word), noxattn (ESD-u: erases the visual concept everywhere) o
 `preserve` lists prompts that must keep their meaning: a `preserve_fraction` of every batch samples trajectories for
 them instead, and there the fine-tuned prediction regresses onto the frozen model's own conditional one (weight
 `preserve_weight`). Related prompts share most tokens ("a handwritten digit seven" / "... one"), so without it
-erasing one concept drags its neighbours along.
+erasing one concept drags its neighbours along. With `preserve_empty_prompt` (default) the empty prompt is preserved
+too: classifier-free guidance steers every prompt against it, so letting it drift moves all of them.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ConceptErasure(Method):
 
     def __init__(self, concept: str, guidance: float = -1.0, anchor: str | None = None, params: str = "xattn",
                  sample_steps: int = 25, sample_guidance: float = 3.0, preserve: list[str] | None = None,
-                 preserve_fraction: float = 0.5, preserve_weight: float = 1.0):
+                 preserve_fraction: float = 0.5, preserve_weight: float = 1.0, preserve_empty_prompt: bool = True):
         if not concept or not str(concept).strip():
             raise ValueError("method.concept is empty; give the prompt to erase, e.g. 'a handwritten digit seven'")
         if params not in PARAM_SETS:
@@ -46,6 +47,9 @@ class ConceptErasure(Method):
         self.concept, self.guidance, self.anchor, self.params = str(concept), float(guidance), anchor, params
         self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
         self.preserve = [str(p) for p in preserve or [] if str(p) != self.concept]
+        if self.preserve and preserve_empty_prompt and "" not in self.preserve:
+            # the unconditional prediction is half of every guided sample: keep it the frozen model's
+            self.preserve.append("")
         if not 0 <= preserve_fraction < 1:
             raise ValueError(f"method.preserve_fraction={preserve_fraction}: expected [0, 1)")
         self.preserve_fraction = preserve_fraction if self.preserve else 0.0
