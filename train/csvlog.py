@@ -23,7 +23,9 @@ class AppendingWriter(ExperimentWriter):
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
     def save(self) -> None:
-        if not self._trimmed and self.metrics and self._fs.isfile(self.metrics_file_path):
+        if not self.metrics:
+            return
+        if not self._trimmed and self._fs.isfile(self.metrics_file_path):
             first = min(int(m["step"]) for m in self.metrics)
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) < first]

@@ -29,12 +29,19 @@ def summary(run_dir: Path) -> dict:
 
 def test_train_resume_and_export_end_to_end(tmp_path):
     run_dir = tmp_path / "e2e"
-    res = run_cli(f"paths.output_dir={tmp_path}", "run_name=e2e", "logger=wandb")
+    res = run_cli(f"paths.output_dir={tmp_path}", "run_name=e2e", "logger=wandb",
+                  "callbacks.throughput.log_every_n_steps=2", "callbacks.throughput.peak_tflops=0.001")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run written"
     assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text(), "tracking.csv: no CSV beside W&B"
+    from train.report import read_csv_curves
+
+    perf = read_csv_curves(run_dir / "csv" / "metrics.csv")
+    tflops, mfu = dict(perf["perf/train_tflops_per_s"]), dict(perf["perf/mfu"])
+    assert tflops and tflops.keys() == mfu.keys()
+    assert all(v > 0 and mfu[s] == pytest.approx(v / 0.001, rel=1e-4) for s, v in tflops.items())
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     s = summary(run_dir)
     assert s["global_step"] == 4 and s["resumed_from"] is None
@@ -97,6 +104,9 @@ def test_sigkill_then_resume_continues_step_count(tmp_path):
 
     # one history: what the killed run flushed before the checkpoint, then the resumed steps (never from 0 again,
     # never the killed run's rows past the checkpoint)
-    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        row_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("step")]
     steps = [s for s, _ in read_csv_curves(run_dir / "csv" / "metrics.csv")["train/loss"]]
-    assert len(rows) - 1 == len(steps) and steps[-3:] == [step, step + 1, step + 2] and max(steps) == step + 2
+    assert steps[-3:] == [step, step + 1, step + 2] and max(row_steps) == step + 2
