@@ -164,18 +164,23 @@ class DiffusionCore:
         denom = snr + 1 if self.prediction_type == "v_prediction" else snr
         return clamped / denom.clamp_min(1e-8)
 
-    def per_sample_error(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Unweighted error per sample, [B] (DPO compares these between policy and reference)."""
+    def per_sample_error(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unweighted error per sample, [B] (DPO compares these between policy and reference). With `mask` (1 where
+        an element counts, broadcastable to `pred`: patch masking's kept patches) the mean runs over those only."""
         pred, target = pred.float(), target.float()
         if self.loss_type == "huber":
             err = torch.sqrt((pred - target) ** 2 + self.huber_c ** 2) - self.huber_c
         else:
             err = F.mse_loss(pred, target, reduction="none")
-        return err.flatten(1).mean(1)
+        if mask is None:
+            return err.flatten(1).mean(1)
+        mask = mask.to(err).expand_as(err)
+        return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
 
-    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted per-sample loss, [B]."""
-        return self.per_sample_error(pred, target) * self.loss_weights(t).to(pred.device)
+        return self.per_sample_error(pred, target, mask) * self.loss_weights(t).to(pred.device)
 
 
 def preference_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,

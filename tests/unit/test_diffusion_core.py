@@ -81,3 +81,14 @@ def test_offset_noise_shifts_per_channel_means():
     torch.manual_seed(0)
     offset = core(offset_noise=1.0).sample_noise(torch.zeros(256, 3, 16, 16))
     assert plain.mean((2, 3)).std() < 0.2 < offset.mean((2, 3)).std()
+
+
+def test_masked_error_averages_over_kept_elements_only():
+    """Patch masking's loss: the mean runs over the elements the mask keeps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    core = DiffusionCore(FlowMatchEulerDiscreteScheduler())
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert core.per_sample_error(pred, target, mask).item() == pytest.approx((1 + 16) / 2)
+    assert core.per_sample_error(pred, target).item() == pytest.approx(30 / 4)
