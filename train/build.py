@@ -66,7 +66,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
                          logit_mean=cfg.loss.get("logit_mean", 0.0), logit_std=cfg.loss.get("logit_std", 1.0))
     method = instantiate(cfg.method, _convert_="all")
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
-                             lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, **_kwargs(cfg.module))
+                             lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, masking=_kwargs(cfg.get("masking")),
+                             **_kwargs(cfg.module))
     log.info("method %s, %d trainable parameters", method.name, sum(p.numel() for p in module.trainable_parameters()))
     return module
 

@@ -20,6 +20,7 @@ from diffusers.optimization import get_scheduler
 from data.webdataset import derive_seed
 from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components
+from models.masking import PatchMasking
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
 from train.strategies import full_parameters
@@ -45,7 +46,7 @@ class Reference:
 class DiffusionModule(L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
-                 max_nonfinite_steps: int = 5, seed: int = 0):
+                 max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -70,6 +71,8 @@ class DiffusionModule(L.LightningModule):
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
         self.strict_loading = False
         self._last_method_step = -1
+        masking = dict(masking or {})
+        self.masking = PatchMasking(self.unet, **masking) if masking.get("ratio") else None
         core.require(method.objectives, f"method={method.name}", method.objective_hint)
         method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
         self._frozen_fingerprint = self.frozen_fingerprint()
@@ -126,6 +129,18 @@ class DiffusionModule(L.LightningModule):
         trainable = any(p.requires_grad for p in self.text_encoder.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.text_encoder(input_ids)[0]
+
+    @contextlib.contextmanager
+    def patch_masking(self, x: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        """Deferred masking (models/masking.py) around a training forward on `x`: yields the pixel mask of kept
+        patches for the loss, or None when masking is off, finished (`unmasked_from`) or the module is not training."""
+        trainer = self.attached_trainer
+        max_steps = trainer.max_steps if trainer is not None else None
+        if self.masking is None or not self.training or not self.masking.active(self.global_step, max_steps):
+            yield None
+            return
+        with self.masking.apply(x, self.noise_generator) as mask:
+            yield mask
 
     @property
     def noise_generator(self) -> torch.Generator:

@@ -15,8 +15,9 @@ def denoising_loss(module, x0: torch.Tensor, input_ids: torch.Tensor, noise: tor
     core = module.core
     cond = module.encode_text(input_ids)
     d = core.noised(x0, module.noise_generator, t=t, noise=noise)
-    pred = module.unet(d.x_t, d.t, encoder_hidden_states=cond).sample
-    return {"loss": core.per_sample_loss(pred, d.target, d.t), "timestep": d.t.float()}
+    with module.patch_masking(d.x_t) as mask:  # transformer + masking.ratio > 0: kept patches only (else None)
+        pred = module.unet(d.x_t, d.t, encoder_hidden_states=cond).sample
+    return {"loss": core.per_sample_loss(pred, d.target, d.t, mask), "timestep": d.t.float()}
 
 
 class Denoise(Method):
