@@ -44,6 +44,11 @@ class PatchMasking:
         for hook in self._hooks:
             hook.remove()
 
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """The kept token indices [B, n_keep] while a masked call is in flight, else None."""
+        return self._keep
+
     def active(self, step: int, max_steps: int | None) -> bool:
         """Masked phase: ratio > 0 and before `unmasked_from` x max_steps (always, when max_steps is unknown)."""
         return self.ratio > 0 and not (max_steps and max_steps > 0 and step >= self.unmasked_from * max_steps)

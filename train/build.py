@@ -67,6 +67,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     method = instantiate(cfg.method, _convert_="all")
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
                              lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, masking=_kwargs(cfg.get("masking")),
+                             repa=_kwargs(cfg.get("repa")),
                              **_kwargs(cfg.module))
     log.info("method %s, %d trainable parameters", method.name, sum(p.numel() for p in module.trainable_parameters()))
     return module

@@ -135,13 +135,20 @@ def load_module(path: str | Path, use_ema: bool = True):
     if cfg_dict is None:
         raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
     cfg = OmegaConf.create(cfg_dict)
+    # REPA's projector and frozen encoder are training-only: sampling and export need neither (nor the encoder folder).
+    # The projector is registered last, so its EMA entries are the tail of the shadow list.
+    n_repa = sum(v.numel() > 0 for k, v in ckpt["state_dict"].items() if k.startswith("repa."))
+    if OmegaConf.select(cfg, "repa.encoder"):
+        cfg.repa.encoder = None
     module = build_module(cfg)
-    check_state_dict(module, ckpt["state_dict"], ckpt["foundry"].get("frozen_fingerprint"))
-    module.load_state_dict(ckpt["state_dict"], strict=False)
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
+    check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))
+    module.load_state_dict(state, strict=False)
     ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA")), None)
     if use_ema and ema_state and ema_state.get("shadow_params"):
         params = module.trainable_parameters()
-        for p, s in zip(params, ema_state["shadow_params"], strict=True):
+        shadow = ema_state["shadow_params"]
+        for p, s in zip(params, shadow[: len(shadow) - n_repa], strict=True):
             p.data.copy_(s.to(p.dtype))
         log.info("loaded EMA weights from %s (step %s)", path, ckpt.get("global_step"))
     module.eval()

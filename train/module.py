@@ -21,6 +21,7 @@ from data.webdataset import derive_seed
 from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components
 from models.masking import PatchMasking
+from models.repa import RepresentationAlignment, load_encoder
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
 from train.strategies import full_parameters
@@ -46,7 +47,8 @@ class Reference:
 class DiffusionModule(L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
-                 max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None):
+                 max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None,
+                 repa: dict[str, Any] | None = None):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -73,6 +75,10 @@ class DiffusionModule(L.LightningModule):
         self._last_method_step = -1
         masking = dict(masking or {})
         self.masking = PatchMasking(self.unet, **masking) if masking.get("ratio") else None
+        repa = dict(repa or {})
+        encoder = repa.pop("encoder", None)
+        # a child module: its projector trains and is checkpointed; the frozen encoder is held beside it
+        self.repa = RepresentationAlignment(self.unet, load_encoder(encoder), **repa) if encoder else None
         core.require(method.objectives, f"method={method.name}", method.objective_hint)
         method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
         self._frozen_fingerprint = self.frozen_fingerprint()
@@ -141,6 +147,16 @@ class DiffusionModule(L.LightningModule):
             return
         with self.masking.apply(x, self.noise_generator) as mask:
             yield mask
+
+    @contextlib.contextmanager
+    def alignment(self) -> Iterator[RepresentationAlignment | None]:
+        """REPA (models/repa.py) around a training forward: yields the aligner that recorded the hidden state, or
+        None when REPA is off or the module is not training."""
+        if self.repa is None or not self.training:
+            yield None
+            return
+        with self.repa.capture() as repa:
+            yield repa
 
     @property
     def noise_generator(self) -> torch.Generator:

@@ -9,15 +9,28 @@ from train.methods.base import Method
 
 
 def denoising_loss(module, x0: torch.Tensor, input_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                   t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   t: torch.Tensor | None = None, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The core's per-sample loss for clean `x0` (the UNet's space) under its captions; noise and timesteps are drawn
-    from the module's generator unless given (reflow's couplings give the noise, one-step distillation the time)."""
+    from the module's generator unless given (reflow's couplings give the noise, one-step distillation the time).
+
+    The base-training recipes act here, so every method built on this loss gets them: patch masking (loss on the kept
+    patches) and REPA (alignment of a hidden state with a frozen encoder's features of the clean `images`, [-1, 1];
+    pixel-space models default to `x0`)."""
     core = module.core
     cond = module.encode_text(input_ids)
     d = core.noised(x0, module.noise_generator, t=t, noise=noise)
-    with module.patch_masking(d.x_t) as mask:  # transformer + masking.ratio > 0: kept patches only (else None)
+    out = {}
+    with module.patch_masking(d.x_t) as mask, module.alignment() as repa:  # each None unless configured
         pred = module.unet(d.x_t, d.t, encoder_hidden_states=cond).sample
-    return {"loss": core.per_sample_loss(pred, d.target, d.t, mask), "timestep": d.t.float()}
+        loss = core.per_sample_loss(pred, d.target, d.t, mask)
+        if repa is not None:
+            images = images if images is not None else (x0 if module.vae is None else None)
+            if images is None:
+                raise ValueError(f"repa.encoder: method={module.method.name} gives no clean images to align with on "
+                                 "a latent model; set repa.encoder=null for it")
+            out["repa_loss"] = repa.loss(images, d.x_t.shape, module.masking.kept if mask is not None else None)
+            loss = loss + out["repa_loss"]
+    return {"loss": loss, "timestep": d.t.float(), **out}
 
 
 class Denoise(Method):
@@ -25,4 +38,5 @@ class Denoise(Method):
     objectives = ("epsilon", "v_prediction", "flow")
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
-        return denoising_loss(module, module.encode_images(batch["pixels"]), batch["input_ids"])
+        return denoising_loss(module, module.encode_images(batch["pixels"]), batch["input_ids"],
+                              images=batch["pixels"])
