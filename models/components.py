@@ -205,6 +205,22 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     return comps
 
 
+def apply_speed_switches(unet: torch.nn.Module, compile: bool | str = False, channels_last: bool = False) -> None:
+    """`model.channels_last`: the denoiser's weights in channels-last memory format (convolutions on tensor cores).
+    `model.compile`: `torch.compile` in place (`nn.Module.compile`, so state-dict keys, checkpoints and exports are
+    unchanged); true = inductor, or a backend name. Compilation happens lazily at the first training forward."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        backend = "inductor" if compile is True else str(compile)
+        from torch import _dynamo
+
+        if backend not in _dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"model.compile={compile}: not a torch.compile backend; use true (inductor) or one of "
+                             f"{', '.join(_dynamo.list_backends())}")
+        unet.compile(backend=backend)
+
+
 @torch.no_grad()
 def encode_prompts(comps: Components, input_ids: torch.Tensor) -> torch.Tensor:
     """Text-encoder hidden states for token ids (the UNet's cross-attention context)."""

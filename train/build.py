@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.last_checkpoint import LastCheckpoint
 from models.adapters import AdapterSpec, apply_adapter
-from models.components import Components, build_components
+from models.components import Components, apply_speed_switches, build_components
 from train.checkpoint import AtomicCheckpointIO, is_training_checkpoint, load_components
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule
@@ -46,11 +46,13 @@ def build_model(cfg: DictConfig) -> Components:
     """The `model` group -> components; `model.pretrained` may be a diffusers folder, a .ckpt or a run directory
     (continued training and fine-tuning start from a foundry run without an export step). Then the adapter."""
     kwargs = _kwargs(cfg.model)
+    speed = {key: kwargs.pop(key, False) for key in ("compile", "channels_last")}
     pretrained = kwargs.get("pretrained")
     if pretrained and is_training_checkpoint(pretrained):
         kwargs["base"], kwargs["pretrained"] = load_components(pretrained, use_ema=True), None
     components = build_components(**kwargs)
     apply_adapter(components, adapter_spec(cfg))
+    apply_speed_switches(components.unet, **speed)  # after the adapter: compile what actually runs
     return components
 
 

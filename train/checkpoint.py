@@ -135,11 +135,13 @@ def load_module(path: str | Path, use_ema: bool = True):
     if cfg_dict is None:
         raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
     cfg = OmegaConf.create(cfg_dict)
-    # REPA's projector and frozen encoder are training-only: sampling and export need neither (nor the encoder folder).
-    # The projector is registered last, so its EMA entries are the tail of the shadow list.
+    # Training-only settings are dropped: sampling and export need neither REPA's projector nor its frozen encoder
+    # (nor the encoder folder). The projector is registered last, so its EMA entries are the tail of the shadow list.
     n_repa = sum(v.numel() > 0 for k, v in ckpt["state_dict"].items() if k.startswith("repa."))
     if OmegaConf.select(cfg, "repa.encoder"):
         cfg.repa.encoder = None
+    if OmegaConf.select(cfg, "model.compile"):  # sampling calls vary in shape: eager is faster than recompiling
+        cfg.model.compile = False
     module = build_module(cfg)
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
     check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))

@@ -13,37 +13,16 @@ import argparse
 import json
 import logging
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from common import random_batch, train_step_seconds
 
-import torch  # noqa: E402
-
-from models.components import build_components, tokenize  # noqa: E402
-from train.diffusion import DiffusionCore  # noqa: E402
-from train.methods.denoise import Denoise  # noqa: E402
-from train.module import DiffusionModule  # noqa: E402
+from models.components import build_components
+from train.diffusion import DiffusionCore
+from train.methods.denoise import Denoise
+from train.module import DiffusionModule
 
 RATIOS = (0.0, 0.5, 0.75)
-
-
-def timed_steps(module: DiffusionModule, opt, batch: dict, steps: int, ratio: float, device: str, dtype) -> float:
-    module.masking.ratio = ratio
-    for i in range(steps + 2):
-        if i == 2:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            loss = module.method.loss(batch, module)["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -63,16 +42,14 @@ def main() -> None:
     module = DiffusionModule(comps, core, Denoise(), masking={"ratio": 0.75, "mixer_layers": args.mixer_layers})
     module.to(args.device).train()
     opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
-    channels = comps.unet.config.in_channels
-    g = torch.Generator().manual_seed(0)
-    batch = {"pixels": (torch.rand(args.batch, channels, args.resolution, args.resolution, generator=g) * 2 - 1
-                        ).to(args.device),
-             "input_ids": tokenize(comps.tokenizer, ["a handwritten digit seven"] * args.batch).to(args.device)}
+    batch = random_batch(comps, args.batch, args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     rates: dict[float, list[float]] = {r: [] for r in RATIOS}
     for _ in range(args.rounds):
         for r in RATIOS:
-            rates[r].append(args.steps * args.batch / timed_steps(module, opt, batch, args.steps, r, args.device, dtype))
+            module.masking.ratio = r
+            rates[r].append(args.steps * args.batch / train_step_seconds(module, opt, batch, args.steps, args.device,
+                                                                         dtype))
     med = {r: statistics.median(v) for r, v in rates.items()}
     tokens = (args.resolution // comps.unet.config.patch_size) ** 2
     print(json.dumps({

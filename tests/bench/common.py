@@ -57,3 +57,35 @@ def dump(result: dict, out: Path | None = None) -> None:
     print(text)
     if out is not None:
         out.write_text(text)
+
+
+def train_step_seconds(module, opt, batch: dict, steps: int, device: str = "cpu", dtype=None) -> float:
+    """Seconds for `steps` training steps of the module's own method loss (backward, optimizer step), after 2 warm-up
+    steps (compilation happens there); CUDA is synchronised around the timed span."""
+    import torch
+
+    for i in range(steps + 2):
+        if i == 2:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = module.method.loss(batch, module)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def random_batch(comps, n: int, device: str = "cpu") -> dict:
+    """A fixed random image batch with one caption, in the model's input size."""
+    import torch
+
+    from models.components import tokenize
+
+    g = torch.Generator().manual_seed(0)
+    c, r = comps.unet.config.in_channels, comps.resolution
+    return {"pixels": (torch.rand(n, c, r, r, generator=g) * 2 - 1).to(device),
+            "input_ids": tokenize(comps.tokenizer, ["a handwritten digit seven"] * n).to(device)}
