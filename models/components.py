@@ -141,20 +141,22 @@ def load_scheduler(folder: Path):
 
 
 def load_backbone(folder: Path):
-    """The denoiser of a diffusers folder: a UNet (`unet/`), or a PixArt/DiT transformer (`transformer/`, or our
+    """The denoiser of a diffusers folder: a UNet (`unet/`), or a DiT/MMDiT transformer (`transformer/`, or our
     exports' `unet/` holding one), the latter wrapped to take the UNet's call signature."""
     import json
 
-    from models.backbones import FoundryPixArt
+    from models.backbones import FoundryMMDiT, FoundryPixArt
 
     sub = "unet" if (folder / "unet").is_dir() else "transformer"
     config = folder / sub / "config.json"
     name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
     if name == "PixArtTransformer2DModel":
         return FoundryPixArt.from_pretrained(folder, subfolder=sub)
+    if name == "SD3Transformer2DModel":
+        return FoundryMMDiT.from_pretrained(folder, subfolder=sub)
     if "Transformer" in name:
         raise ValueError(f"model.pretrained: '{folder / sub}' holds a {name}; the transformer backbones loaded here "
-                         "are PixArt/DiT-style (PixArtTransformer2DModel)")
+                         "are PixArtTransformer2DModel (DiT) and SD3Transformer2DModel (MMDiT)")
     return UNet2DConditionModel.from_pretrained(folder, subfolder=sub)
 
 

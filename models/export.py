@@ -63,6 +63,6 @@ def export_pipeline(comps: Components, out: str | Path, sampler: str = "ddim") -
         index = json.loads(index_path.read_text())
         index["_class_name"] = ["pipeline", FoundryPixelPipeline.__name__]
         if is_transformer(comps.unet):  # saved as the plain diffusers class (models/backbones.py)
-            index["unet"] = ["diffusers", "PixArtTransformer2DModel"]
+            index["unet"] = ["diffusers", comps.unet.diffusers_class.__name__]
         index_path.write_text(json.dumps(index, indent=2))
     return out

@@ -3,7 +3,7 @@
 What is counted (one forward call, multiply-add = 2 FLOPs):
 - every `nn.Linear` and `nn.Conv2d`: 2 x output elements x (input features per output, kernel included);
 - attention's two matmuls, Q·Kᵀ and softmax·V: 2 x 2 x batch x query tokens x key tokens x inner width, for self- and
-  cross-attention (keys are the text tokens there);
+  cross-attention (keys are the text tokens there); MMDiT's joint attention runs over image + text tokens together;
 - not counted: norms, activations, softmax, residual adds (about 1-2% on these models).
 A training step costs 3 x the forward (the backward computes gradients for inputs and for weights, each about one
 forward), the usual convention behind "6 N FLOPs per token". MFU = achieved training FLOP/s / the device's dense peak.
@@ -49,6 +49,11 @@ def forward_flops(model: nn.Module, *args, **kwargs) -> int:
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if hidden.ndim == 4:  # (B, C, H, W) inputs are flattened to tokens inside the processor
             hidden = hidden.flatten(2).transpose(1, 2)
+        if context is not None and getattr(mod, "added_kv_proj_dim", None) is not None:
+            # joint attention (MMDiT): image and text tokens attend together over their concatenation
+            tokens = hidden.shape[1] + context.shape[1]
+            total += 2 * 2 * hidden.shape[0] * tokens * tokens * mod.inner_dim
+            return
         keys = (context if context is not None else hidden).shape[1]
         total += 2 * 2 * hidden.shape[0] * hidden.shape[1] * keys * mod.inner_dim
 
@@ -72,8 +77,10 @@ def forward_flops(model: nn.Module, *args, **kwargs) -> int:
 def backbone_inputs(components, batch: int = 1) -> tuple[tuple, dict]:
     """Dummy inputs of the run's shapes for one backbone call: noisy sample, timestep, text hidden states."""
     unet = components.unet
-    # the text encoder's width: a transformer's caption_channels (it projects them itself), a UNet's cross-attention
-    width = getattr(unet.config, "caption_channels", None) or unet.config.cross_attention_dim
+    # the text encoder's width: a DiT's caption_channels or an MMDiT's joint_attention_dim (they project the text
+    # themselves), a UNet's cross-attention width
+    width = (getattr(unet.config, "caption_channels", None) or getattr(unet.config, "joint_attention_dim", None)
+             or unet.config.cross_attention_dim)
     p = next(unet.parameters())
     sample = torch.zeros(batch, components.in_channels, components.sample_size, components.sample_size,
                          device=p.device, dtype=p.dtype)

@@ -20,11 +20,11 @@ import torch
 
 class PatchMasking:
     def __init__(self, model: torch.nn.Module, ratio: float, mixer_layers: int = 1, unmasked_from: float = 0.8):
-        from models.backbones import is_transformer
+        from models.backbones import is_dit
 
-        if not is_transformer(model):
-            raise ValueError(f"masking.ratio={ratio}: patch masking needs a transformer backbone (model=dit_tiny or a "
-                             f"DiT/PixArt folder), not a {type(model).__name__}; set masking.ratio=0")
+        if not is_dit(model):
+            raise ValueError(f"masking.ratio={ratio}: patch masking needs a DiT/PixArt transformer backbone "
+                             f"(model=dit_tiny or a PixArt folder), not a {type(model).__name__}; set masking.ratio=0")
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"masking.ratio={ratio}: expected a share of dropped patches in [0, 1), e.g. 0.5 or 0.75")
         n_blocks = len(model.transformer_blocks)

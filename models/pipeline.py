@@ -1,4 +1,4 @@
-"""A diffusers pipeline for pixel-space, CLIP-conditioned text-to-image UNets or PixArt/DiT transformers (no VAE).
+"""A diffusers pipeline for pixel-space, CLIP-conditioned text-to-image UNets or DiT/MMDiT transformers (no VAE).
 
 diffusers ships no stock pipeline for this (DeepFloyd IF expects T5), so this file is copied next to
 `model_index.json` on export and loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`.
@@ -23,6 +23,12 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     args = (w.float() * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def pooled_text(hidden: torch.Tensor) -> torch.Tensor:
+    """The pooled text vector an MMDiT (SD3Transformer2DModel) is conditioned on: the mean of the text encoder's
+    hidden states, [B, D] (models/backbones.py explains why)."""
+    return hidden.mean(dim=1)
 
 
 class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -99,11 +105,15 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
 
 def _denoise(model, x: torch.Tensor, t, cond: torch.Tensor, timestep_cond: torch.Tensor | None) -> torch.Tensor:
-    """A UNet (or a backbone that takes the UNet's call), or a plain PixArt/DiT transformer as diffusers loads it."""
+    """A UNet (or a backbone that takes the UNet's call), or a plain PixArt/DiT or SD3 transformer as diffusers loads
+    it."""
     if not hasattr(model.config, "patch_size") or getattr(model, "unet_call", False):
         return model(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
     t = torch.as_tensor(t, device=x.device)
-    return model(x, encoder_hidden_states=cond, timestep=t.expand(x.shape[0]) if t.ndim == 0 else t,
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if hasattr(model.config, "joint_attention_dim"):  # SD3Transformer2DModel (MMDiT)
+        return model(x, encoder_hidden_states=cond, pooled_projections=pooled_text(cond), timestep=t).sample
+    return model(x, encoder_hidden_states=cond, timestep=t,
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
 
 

@@ -44,11 +44,11 @@ class RepresentationAlignment(torch.nn.Module):
     def __init__(self, denoiser: torch.nn.Module, encoder: torch.nn.Module, layer: int = 1, weight: float = 0.5,
                  projector_dim: int = 256):
         super().__init__()
-        from models.backbones import is_transformer
+        from models.backbones import is_dit
 
-        if not is_transformer(denoiser):
-            raise ValueError(f"repa.encoder: REPA aligns a transformer's patch tokens; a {type(denoiser).__name__} "
-                             "has none; use model=dit_tiny (or a DiT/PixArt folder) or set repa.encoder=null")
+        if not is_dit(denoiser):
+            raise ValueError(f"repa.encoder: REPA aligns a DiT/PixArt transformer's patch tokens; a "
+                             f"{type(denoiser).__name__} is not one; use model=dit_tiny (or a DiT/PixArt folder) or set repa.encoder=null")
         n_blocks = len(denoiser.transformer_blocks)
         if not 0 <= layer < n_blocks:
             raise ValueError(f"repa.layer={layer}: the backbone has {n_blocks} blocks; pick 0 to {n_blocks - 1}")

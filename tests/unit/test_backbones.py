@@ -4,23 +4,27 @@ import sys
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, PixArtTransformer2DModel
+from diffusers import DiffusionPipeline, PixArtTransformer2DModel, SD3Transformer2DModel
 
-from models.backbones import FoundryPixArt
+from models.backbones import FoundryMMDiT, FoundryPixArt
 from models.components import build_components, load_pretrained
 from models.export import export_pipeline, make_pipeline
 from tests.conftest import cli, small
 
 
-@pytest.fixture(scope="module")
-def dit():
-    return build_components(preset="dit_micro", resolution=16, prediction_type="flow")
+KINDS = {"dit_micro": (FoundryPixArt, PixArtTransformer2DModel), "mmdit_micro": (FoundryMMDiT, SD3Transformer2DModel)}
 
 
-def test_dit_tiny_is_about_the_unets_size_and_deterministic():
-    a = build_components(preset="dit_tiny", resolution=16, seed=1)
-    b = build_components(preset="dit_tiny", resolution=16, seed=1)
-    assert isinstance(a.unet, FoundryPixArt) and a.unet.config.patch_size == 2
+@pytest.fixture(scope="module", params=list(KINDS))
+def dit(request):
+    return build_components(preset=request.param, resolution=16, prediction_type="flow")
+
+
+@pytest.mark.parametrize("preset,cls", [("dit_tiny", FoundryPixArt), ("mmdit_tiny", FoundryMMDiT)])
+def test_tiny_transformers_are_about_the_unets_size_and_deterministic(preset, cls):
+    a = build_components(preset=preset, resolution=16, seed=1)
+    b = build_components(preset=preset, resolution=16, seed=1)
+    assert isinstance(a.unet, cls) and a.unet.config.patch_size == 2
     assert 0.8e6 < sum(p.numel() for p in a.unet.parameters()) < 1.6e6
     for pa, pb in zip(a.unet.parameters(), b.unet.parameters()):
         assert torch.equal(pa, pb)
@@ -32,12 +36,12 @@ def test_transformer_takes_the_unet_call_and_depends_on_text(dit):
     h = dit.text_encoder(ids)[0]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        for p in dit.unet.parameters():  # PixArt zero-initialises its output layer: make the check meaningful
+        for p in dit.unet.parameters():  # both zero-initialise their output layers: make the check meaningful
             p.add_(0.02 * torch.randn_like(p))
         out = dit.unet(x, torch.tensor(500), encoder_hidden_states=h).sample
         swapped = dit.unet(x, torch.tensor(500), encoder_hidden_states=h.flip(0)).sample
     assert out.shape == x.shape
-    assert not torch.allclose(out, swapped)  # cross-attention reads the prompt
+    assert not torch.allclose(out, swapped)  # cross- or joint attention (and MMDiT's pooled vector) read the prompt
 
 
 def test_patch_size_that_does_not_divide_the_input_is_one_line():
@@ -54,7 +58,8 @@ def test_guidance_embedding_on_a_transformer_is_refused():
 def test_export_is_a_plain_diffusers_transformer_and_samples_identically(dit, tmp_path):
     out = export_pipeline(dit, tmp_path / "export", sampler="flow")
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
-    assert type(pipe.unet) is PixArtTransformer2DModel  # no foundry code needed to load the weights
+    plain = KINDS["mmdit_micro" if isinstance(dit.unet, FoundryMMDiT) else "dit_micro"][1]
+    assert type(pipe.unet) is plain  # no foundry code needed to load the weights
     kw = dict(num_inference_steps=3, guidance_scale=2.0, output_type="np")
     a = pipe(["a handwritten digit four"], generator=torch.Generator().manual_seed(3), **kw).images
     b = make_pipeline(dit, sampler="flow")(["a handwritten digit four"], generator=torch.Generator().manual_seed(3),
@@ -62,14 +67,15 @@ def test_export_is_a_plain_diffusers_transformer_and_samples_identically(dit, tm
     assert a.shape == (1, 16, 16, 3) and abs(a - b).max() < 1e-5
     # and back: the export continues training as our transformer
     again = load_pretrained(out)
-    assert isinstance(again.unet, FoundryPixArt) and again.scheduler.config.get("shift") is not None
+    assert isinstance(again.unet, type(dit.unet)) and again.scheduler.config.get("shift") is not None
     x, h = torch.randn(1, 3, 16, 16), torch.randn(1, dit.tokenizer.model_max_length, 16)
     torch.testing.assert_close(again.unet(x, torch.tensor(7), h).sample, dit.unet(x, torch.tensor(7), h).sample)
 
 
 @pytest.mark.integration
-def test_dit_trains_checkpoints_and_resumes_through_the_cli(tmp_path):
-    args = small(f"paths.output_dir={tmp_path}", "run_name=dit", "experiment=dit", "model.preset=dit_micro")
+@pytest.mark.parametrize("experiment,preset", [("dit", "dit_micro"), ("mmdit", "mmdit_micro")])
+def test_transformer_trains_checkpoints_and_resumes_through_the_cli(tmp_path, experiment, preset):
+    args = small(f"paths.output_dir={tmp_path}", "run_name=dit", f"experiment={experiment}", f"model.preset={preset}")
     res = subprocess.run(cli(*args), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "dit"

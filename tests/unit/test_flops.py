@@ -8,7 +8,7 @@ from models.components import build_components
 from models.flops import backbone_inputs, forward_flops, peak_tflops, train_flops_per_sample
 
 
-@pytest.mark.parametrize("preset", ["micro", "tiny_pixel", "dit_micro", "dit_tiny"])
+@pytest.mark.parametrize("preset", ["micro", "tiny_pixel", "dit_micro", "dit_tiny", "mmdit_micro", "mmdit_tiny"])
 def test_count_matches_torch_flop_counter_within_10_percent(preset):
     comps = build_components(preset=preset, resolution=16)
     args, kwargs = backbone_inputs(comps, batch=2)

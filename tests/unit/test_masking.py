@@ -67,7 +67,8 @@ def test_final_phase_is_unmasked():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ([], r"masking.ratio=0.5: patch masking needs a transformer backbone .* not a UNet2DConditionModel"),
+    ([], r"masking.ratio=0.5: patch masking needs a DiT/PixArt transformer backbone .* not a UNet2DConditionModel"),
+    (["model=mmdit_tiny", "model.preset=mmdit_micro"], r"masking.ratio=0.5: patch masking needs a DiT/PixArt .* FoundryMMDiT"),
     (["model=dit_tiny", "model.preset=dit_micro", "masking.ratio=1.0"], r"masking.ratio=1.0: expected a share"),
     (["model=dit_tiny", "model.preset=dit_micro", "masking.mixer_layers=1"],
      r"masking.mixer_layers=1: the backbone has 1 blocks"),

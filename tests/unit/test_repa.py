@@ -81,7 +81,7 @@ def test_repa_with_patch_masking_aligns_the_kept_tokens(tiny_cfg, dinov2):
 
 
 def test_repa_refusals_are_one_line(tiny_cfg, dinov2, tmp_path):
-    with pytest.raises(ValueError, match=r"repa.encoder: REPA aligns a transformer's patch tokens; a UNet2DConditionModel"):
+    with pytest.raises(ValueError, match=r"repa.encoder: REPA aligns a DiT/PixArt transformer's patch tokens; a UNet2DConditionModel"):
         build_module(tiny_cfg(f"repa.encoder={dinov2}"))
     with pytest.raises(FileNotFoundError, match=r"repa.encoder=.*nowhere: no config.json there"):
         build_module(tiny_cfg("experiment=dit", "model.preset=dit_micro", f"repa.encoder={tmp_path / 'nowhere'}"))
