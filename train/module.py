@@ -241,6 +241,22 @@ class DiffusionModule(L.LightningModule):
                 self.log(f"train/{key}", value.detach().float().mean(), batch_size=bs)
         return loss
 
+    def _schedule_free(self, train: bool) -> None:
+        from train.optim import schedule_free_mode
+
+        trainer = self.attached_trainer
+        for opt in (trainer.optimizers if trainer is not None else []):
+            schedule_free_mode(opt, train)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._schedule_free(train=True)  # forward/backward on schedule-free's training sequence (every micro-batch)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        self._schedule_free(train=True)  # its step (which runs the closure) must start in training mode
+        super().optimizer_step(*args, **kwargs)
+        self._schedule_free(train=False)  # after each step the parameters hold the averaged weights: EMA, sample
+        # grids, evaluation and checkpoints read those (a no-op for other optimizers)
+
     def on_train_start(self) -> None:
         self._last_method_step = self.global_step
 
@@ -294,9 +310,15 @@ class DiffusionModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("optimizer: the model has no trainable parameters; check model/adapter settings")
-        optimizer = build_optimizer(dict(self.optimizer_cfg), params, modules=(self.unet, self.text_encoder),
-                                    cpu_offload=offloads_optimizer(self._trainer))
         sched_cfg = dict(self.lr_scheduler_cfg)
+        opt_cfg = dict(self.optimizer_cfg)
+        if opt_cfg.get("name") == "adamw_schedulefree":  # its own warmup; a decaying schedule would defeat it
+            if sched_cfg.get("name", "constant") != "constant":
+                raise ValueError(f"lr_scheduler.name={sched_cfg.get('name')}: optimizer.name=adamw_schedulefree needs no "
+                                 "schedule; set lr_scheduler.name=constant (warmup_steps is passed to the optimizer)")
+            opt_cfg["warmup_steps"], sched_cfg["warmup_steps"] = sched_cfg.get("warmup_steps", 0), 0
+        optimizer = build_optimizer(opt_cfg, params, modules=(self.unet, self.text_encoder),
+                                    cpu_offload=offloads_optimizer(self._trainer))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
         scheduler = get_scheduler(sched_cfg.pop("name", "constant"), optimizer,
                                   num_warmup_steps=sched_cfg.pop("warmup_steps", 0), num_training_steps=total)

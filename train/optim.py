@@ -6,6 +6,10 @@
 - `muon`: torch.optim.Muon for the 2-D weights of hidden linear layers, AdamW for everything else (embeddings,
   convolutions, biases, norms), stepped together as one optimizer (`optimizer.muon_lr` is Muon's own rate).
 - `prodigy`: Prodigy (prodigyopt), which estimates the step size itself: use `optimizer.lr=1.0`.
+- `adamw_schedulefree`: schedule-free AdamW (Defazio et al.; the `schedulefree` package): no LR schedule (use
+  `lr_scheduler.name=constant`; `lr_scheduler.warmup_steps` becomes the optimizer's own warmup). It keeps two weight
+  sequences: the module trains on one and switches the parameters to the averaged one after every step, so EMA,
+  sample grids, evaluation and checkpoints all see the averaged weights (`schedule_free_mode`).
 - `adamw8bit`, `lion8bit`: bitsandbytes' 8-bit states (CUDA only).
 
 Unknown names and keys that the chosen optimizer does not take fail in one line naming the key.
@@ -16,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-OPTIMIZERS = ("adamw", "lion", "muon", "prodigy", "adamw8bit", "lion8bit")
+OPTIMIZERS = ("adamw", "lion", "muon", "prodigy", "adamw_schedulefree", "adamw8bit", "lion8bit")
 SHARDABLE = ("adamw", "lion")  # what DeepSpeed ZeRO / FSDP partition safely (the others see only a shard's statistics)
 
 
@@ -85,6 +89,7 @@ def build_optimizer(cfg: dict[str, Any], params: list[torch.nn.Parameter], modul
     lr, weight_decay = float(cfg.pop("lr")), float(cfg.pop("weight_decay", 0.01))
     betas, eps, fused = tuple(cfg.pop("betas", (0.9, 0.999))), float(cfg.pop("eps", 1e-8)), cfg.pop("fused", None)
     muon_lr = cfg.pop("muon_lr", 0.02)
+    warmup_steps = int(cfg.pop("warmup_steps", 0))  # schedule-free's own warmup (set from lr_scheduler.warmup_steps)
     if cfg:
         raise ValueError(f"optimizer: unknown key(s) {sorted(cfg)}")
     device = params[0].device.type
@@ -110,6 +115,11 @@ def build_optimizer(cfg: dict[str, Any], params: list[torch.nn.Parameter], modul
         from lion_pytorch import Lion
 
         return Lion(params, lr=lr, betas=betas[:2], weight_decay=weight_decay)
+    if name == "adamw_schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 warmup_steps=warmup_steps)
     if name == "prodigy":
         from prodigyopt import Prodigy
 
@@ -123,3 +133,14 @@ def build_optimizer(cfg: dict[str, Any], params: list[torch.nn.Parameter], modul
     if not rest:
         return muon
     return Chained([muon, torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)])
+
+
+def is_schedule_free(optimizer) -> bool:
+    return "train_mode" in (optimizer.param_groups[0] if optimizer.param_groups else {})
+
+
+def schedule_free_mode(optimizer, train: bool) -> None:
+    """Put a schedule-free optimizer's parameters in its training (`train=True`) or averaged sequence; idempotent,
+    a no-op for every other optimizer."""
+    if is_schedule_free(optimizer) and optimizer.param_groups[0]["train_mode"] != train:
+        optimizer.train() if train else optimizer.eval()

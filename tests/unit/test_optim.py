@@ -62,10 +62,13 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest_stepped_and_resumed_as_on
         twin.load_state_dict(torch.optim.AdamW(params).state_dict())
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion", "muon", "prodigy"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "muon", "prodigy", "adamw_schedulefree"])
 def test_each_cpu_optimizer_trains_the_module(tiny_cfg, name):
-    lr = {"adamw": 1e-3, "lion": 1e-4, "muon": 1e-3, "prodigy": 1.0}[name]
-    module = build_module(tiny_cfg(f"optimizer.name={name}", f"optimizer.lr={lr}"))
+    lr = {"adamw": 1e-3, "lion": 1e-4, "muon": 1e-3, "prodigy": 1.0, "adamw_schedulefree": 1e-3}[name]
+    sched = ["lr_scheduler.name=constant"] if name == "adamw_schedulefree" else []
+    module = build_module(tiny_cfg(f"optimizer.name={name}", f"optimizer.lr={lr}", *sched))
+    if name == "adamw_schedulefree":
+        module.train()
     module.trainer = L.Trainer(max_steps=5, logger=False, accelerator="cpu")
     opt = module.configure_optimizers()["optimizer"]
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
@@ -76,6 +79,9 @@ def test_each_cpu_optimizer_trains_the_module(tiny_cfg, name):
     before = [p.detach().clone() for p in module.trainable_parameters()]
     loss = module.unet(x, torch.tensor([10, 500]), encoder_hidden_states=module.encode_text(ids)).sample.square().mean()
     loss.backward()
+    from train.optim import schedule_free_mode
+
+    schedule_free_mode(opt, True)  # what the module does before each step
     opt.step()
     moved = sum(not torch.equal(a, b) for a, b in zip(before, module.trainable_parameters()))
     assert moved > 0.9 * len(before)
@@ -119,3 +125,50 @@ def test_chained_muon_trains_checkpoints_and_resumes_through_lightning(tiny_cfg,
     muon, adamw = t2.optimizers[0].optimizers
     assert all(s["momentum_buffer"].abs().sum() > 0 for s in muon.state.values())
     assert {int(s["step"]) for s in adamw.state.values()} == {4}, "AdamW's state restarted instead of resuming"
+
+
+def test_schedule_free_trains_on_one_sequence_and_checkpoints_the_average(tiny_cfg, tmp_path):
+    from train.optim import schedule_free_mode
+
+    def data(module, n):
+        ids = module.components.tokenizer(["a handwritten digit two"] * 2, padding="max_length", max_length=12,
+                                          return_tensors="pt").input_ids
+        px = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        return torch.utils.data.DataLoader([{"pixels": px, "input_ids": ids}] * n, batch_size=None)
+
+    def trainer(steps):
+        return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+
+    cfg = tiny_cfg("optimizer.name=adamw_schedulefree", "optimizer.lr=1e-2", "lr_scheduler.name=constant",
+                   "lr_scheduler.warmup_steps=2")
+    straight, t = build_module(cfg), trainer(4)
+    t.fit(straight, train_dataloaders=data(straight, 4))
+    opt = t.optimizers[0]
+    assert opt.param_groups[0]["train_mode"] is False and opt.param_groups[0]["warmup_steps"] == 2
+    x = [p.detach().clone() for p in straight.trainable_parameters()]  # what EMA, samples and checkpoints read
+    schedule_free_mode(opt, True)
+    y = [p.detach().clone() for p in straight.trainable_parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(x, y)), "train and averaged sequences should differ"
+    schedule_free_mode(opt, False)
+    assert all(torch.allclose(a, p) for a, p in zip(x, straight.trainable_parameters()))
+
+    # a checkpoint holds the averaged weights plus z; loading it and switching to training mode gives back exactly
+    # the training sequence the run would have continued from
+    t.save_checkpoint(tmp_path / "sf.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "sf.ckpt", map_location="cpu", weights_only=True)
+    resumed = build_module(cfg)
+    resumed.load_state_dict(ckpt["state_dict"], strict=False)
+    resumed.trainer = L.Trainer(max_steps=8, logger=False, accelerator="cpu")
+    opt2 = resumed.configure_optimizers()["optimizer"]
+    opt2.load_state_dict(ckpt["optimizer_states"][0])
+    assert all(torch.allclose(a, p) for a, p in zip(x, resumed.trainable_parameters()))
+    schedule_free_mode(opt2, True)
+    assert all(torch.allclose(a, p, atol=1e-6) for a, p in zip(y, resumed.trainable_parameters()))
+
+
+def test_schedule_free_refuses_a_decaying_schedule(tiny_cfg):
+    module = build_module(tiny_cfg("optimizer.name=adamw_schedulefree", "lr_scheduler.name=cosine"))
+    module.trainer = L.Trainer(max_steps=5, logger=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="lr_scheduler.name=cosine: optimizer.name=adamw_schedulefree needs no schedule"):
+        module.configure_optimizers()
