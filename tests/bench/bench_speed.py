@@ -6,6 +6,7 @@ denoise method's loss with AdamW; variants alternate within rounds in one proces
 On CUDA also reports peak memory per variant and MFU from the counted FLOPs (models/flops.py).
 
     python tests/bench/bench_speed.py [--preset tiny_pixel] [--batch 64] [--steps 20] [--rounds 3]
+    python tests/bench/bench_speed.py --preset tiny_pixel dit_tiny mmdit_tiny --only eager   # backbones vs the first
     # GPU: --preset sd15 --resolution 64 --device cuda --precision bf16 --batch 16 --peak-tflops 989
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build(preset: str, resolution: int | None, overrides: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny_pixel")
+    ap.add_argument("--preset", nargs="+", default=["tiny_pixel"], help="several: each variant on each preset")
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
@@ -53,14 +54,16 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     modules, opts, batches = {}, {}, {}
-    for name in args.only:
-        m = build(args.preset, args.resolution, VARIANTS[name]).to(args.device).train()
-        modules[name], opts[name] = m, torch.optim.AdamW(m.trainable_parameters(), lr=1e-4)
-        batches[name] = random_batch(m.components, args.batch, args.device)
-    rates: dict[str, list[float]] = {n: [] for n in args.only}
+    for preset in args.preset:
+        for variant in args.only:
+            name = variant if len(args.preset) == 1 else f"{preset}:{variant}"
+            m = build(preset, args.resolution, VARIANTS[variant]).to(args.device).train()
+            modules[name], opts[name] = m, torch.optim.AdamW(m.trainable_parameters(), lr=1e-4)
+            batches[name] = random_batch(m.components, args.batch, args.device)
+    rates: dict[str, list[float]] = {n: [] for n in modules}
     peak: dict[str, float] = {}
     for _ in range(args.rounds):
-        for name in args.only:
+        for name in modules:
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             secs = train_step_seconds(modules[name], opts[name], batches[name], args.steps, args.device, dtype)
@@ -68,18 +71,19 @@ def main() -> None:
             if args.device == "cuda":
                 peak[name] = torch.cuda.max_memory_allocated() / 2**30
     med = {n: statistics.median(v) for n, v in rates.items()}
+    flops = {n: train_flops_per_sample(m.components) * args.batch for n, m in modules.items()}  # per training step
     first = next(iter(modules.values()))
-    flops = train_flops_per_sample(first.components) * args.batch  # per training step
+    base = next(iter(med))
     result = {
         "benchmark": "speed_switches", "preset": args.preset, "resolution": first.components.resolution,
         "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "device": args.device,
         "precision": args.precision, "threads": torch.get_num_threads(),
         "samples_per_s": {n: [round(v, 1) for v in vals] for n, vals in rates.items()},
-        "ratio_vs_eager": {n: round(med[n] / med["eager"], 3) for n in med} if "eager" in med else {},
-        "train_tflops_per_s": {n: round(flops * med[n] / args.batch / 1e12, 4) for n in med},
+        f"ratio_vs_{base}": {n: round(med[n] / med[base], 3) for n in med},
+        "train_tflops_per_s": {n: round(flops[n] * med[n] / args.batch / 1e12, 4) for n in med},
     }
     if args.peak_tflops:
-        result["mfu"] = {n: round(flops * med[n] / args.batch / 1e12 / args.peak_tflops, 4) for n in med}
+        result["mfu"] = {n: round(flops[n] * med[n] / args.batch / 1e12 / args.peak_tflops, 4) for n in med}
     if peak:
         result["peak_memory_gib"] = {n: round(v, 2) for n, v in peak.items()}
     print(json.dumps(result, indent=2))
