@@ -29,6 +29,7 @@ class Components:
     tokenizer: PreTrainedTokenizerBase
     scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     vae: AutoencoderKL | None = None
+    tokenizer_2: PreTrainedTokenizerBase | None = None  # SDXL's second tokenizer (saved and exported with the model)
 
     @property
     def in_channels(self) -> int:
@@ -49,8 +50,15 @@ class Components:
     def save_pretrained(self, out: str | Path) -> None:
         """Write the diffusers folder layout (subfolders as `from_pretrained` expects, safetensors)."""
         out = Path(out)
+        from models.sdxl import DualCLIPTextEncoder
+
         self.unet.save_pretrained(out / "unet", safe_serialization=True)
-        self.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        if isinstance(self.text_encoder, DualCLIPTextEncoder):
+            self.text_encoder.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+            self.text_encoder.text_encoder_2.save_pretrained(out / "text_encoder_2", safe_serialization=True)
+            self.tokenizer_2.save_pretrained(out / "tokenizer_2")
+        else:
+            self.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         self.tokenizer.save_pretrained(out / "tokenizer")
         self.scheduler.save_pretrained(out / "scheduler")
         if self.vae is not None:
@@ -88,7 +96,7 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DCondi
     if unet.config.time_cond_proj_dim is not None:
         raise ValueError(f"model.guidance_embedding={dim}: the model already has a {unet.config.time_cond_proj_dim}-d "
                          "guidance embedding; use that size")
-    new = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
+    new = type(unet).from_config(unet.config, time_cond_proj_dim=dim)
     old = unet.state_dict()
     extra = set(new.state_dict()) - set(old)
     if extra != {"time_embedding.cond_proj.weight"} or set(old) - set(new.state_dict()):
@@ -146,10 +154,12 @@ def load_backbone(folder: Path):
     import json
 
     from models.backbones import FoundryMMDiT, FoundryPixArt
+    from models.sdxl import FoundrySDXLUNet, is_sdxl_unet_config
 
     sub = "unet" if (folder / "unet").is_dir() else "transformer"
     config = folder / sub / "config.json"
-    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+    config = json.loads(config.read_text()) if config.is_file() else {}
+    name = config.get("_class_name", "")
     if name == "PixArtTransformer2DModel":
         return FoundryPixArt.from_pretrained(folder, subfolder=sub)
     if name == "SD3Transformer2DModel":
@@ -157,7 +167,36 @@ def load_backbone(folder: Path):
     if "Transformer" in name:
         raise ValueError(f"model.pretrained: '{folder / sub}' holds a {name}; the transformer backbones loaded here "
                          "are PixArtTransformer2DModel (DiT) and SD3Transformer2DModel (MMDiT)")
+    if is_sdxl_unet_config(config):
+        if not (folder / "text_encoder_2").is_dir() or not (folder / "tokenizer_2").is_dir():
+            raise FileNotFoundError(f"model.pretrained: '{folder}' holds an SDXL UNet (text_time conditioning) but "
+                                    "lacks text_encoder_2/ or tokenizer_2/; give the whole SDXL folder")
+        unet = FoundrySDXLUNet.from_pretrained(folder, subfolder=sub)
+        if (folder / "vae" / "config.json").is_file():
+            blocks = json.loads((folder / "vae" / "config.json").read_text()).get("block_out_channels", [0] * 4)
+            unet.vae_scale_factor = 2 ** (len(blocks) - 1)
+        return unet
     return UNet2DConditionModel.from_pretrained(folder, subfolder=sub)
+
+
+def load_text_encoder(folder: Path):
+    """(text encoder, tokenizer, second tokenizer): one CLIP encoder, or SDXL's two behind one module."""
+    from models.sdxl import DualCLIPTextEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    if not (folder / "text_encoder_2").is_dir():
+        return text_encoder, tokenizer, None
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer_2 = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+    if len(tokenizer_2) != len(tokenizer) or tokenizer_2.eos_token_id != tokenizer.eos_token_id:
+        raise ValueError(f"model.pretrained: '{folder}': tokenizer/ and tokenizer_2/ differ in vocabulary or "
+                         "end-of-text token; SDXL's two tokenizers share CLIP's vocabulary")
+    dual = DualCLIPTextEncoder(text_encoder,
+                               CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id_2=tokenizer_2.pad_token_id)
+    return dual, tokenizer, tokenizer_2
 
 
 def load_pretrained(path: str | Path, prediction_type: str | None = None, flow_shift: float = 1.0) -> Components:
@@ -165,13 +204,9 @@ def load_pretrained(path: str | Path, prediction_type: str | None = None, flow_s
     p = check_pretrained_folder(path)
     scheduler = with_prediction_type(load_scheduler(p), prediction_type, flow_shift)
     vae = AutoencoderKL.from_pretrained(p, subfolder="vae") if (p / "vae").is_dir() else None
-    return Components(
-        unet=load_backbone(p),
-        text_encoder=CLIPTextModel.from_pretrained(p, subfolder="text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(p / "tokenizer"),
-        scheduler=scheduler,
-        vae=vae,
-    )
+    text_encoder, tokenizer, tokenizer_2 = load_text_encoder(p)
+    return Components(unet=load_backbone(p), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                      vae=vae, tokenizer_2=tokenizer_2)
 
 
 def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", resolution: int | None = None,

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,
-                       StableDiffusionPipeline)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from models.backbones import is_transformer
 from models.components import Components
 from models.pipeline import FoundryPixelPipeline
+from models.sdxl import DualCLIPTextEncoder
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler,
             "euler": EulerDiscreteScheduler, "lcm": LCMScheduler, "ddim_trailing": DDIMScheduler}
@@ -43,6 +44,15 @@ def make_pipeline(comps: Components, sampler: str = "ddim"):
     elif is_transformer(comps.unet):
         raise ValueError("export: latent-space transformer models have no pipeline here yet (diffusers' PixArt "
                          "pipelines expect a T5 text encoder); pixel-space transformer presets export and sample")
+    elif isinstance(comps.text_encoder, DualCLIPTextEncoder):  # SDXL: diffusers' own pipeline, plain UNet call
+        if comps.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("export: an SDXL model with a guidance-weight input has no pipeline here yet; export "
+                             "the LCM-LoRA or use sampler=ddim")
+        # the unconditional branch is the encoded empty prompt, as in training (not SDXL's zeroed embeddings)
+        pipe = StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoder.text_encoder,
+                                         text_encoder_2=comps.text_encoder.text_encoder_2, tokenizer=comps.tokenizer,
+                                         tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
     else:  # a latent LCM student takes the guidance weight as input: diffusers' LCM pipeline passes it
         lcm = sampler == "lcm" and comps.unet.config.time_cond_proj_dim is not None
         cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
@@ -57,12 +67,12 @@ def export_pipeline(comps: Components, out: str | Path, sampler: str = "ddim") -
     out = Path(out)
     pipe = make_pipeline(comps, sampler)
     pipe.save_pretrained(out, safe_serialization=True)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
     if comps.vae is None:
         shutil.copy(Path(__file__).with_name("pipeline.py"), out / "pipeline.py")
-        index_path = out / "model_index.json"
-        index = json.loads(index_path.read_text())
         index["_class_name"] = ["pipeline", FoundryPixelPipeline.__name__]
-        if is_transformer(comps.unet):  # saved as the plain diffusers class (models/backbones.py)
-            index["unet"] = ["diffusers", comps.unet.diffusers_class.__name__]
-        index_path.write_text(json.dumps(index, indent=2))
+    if hasattr(comps.unet, "diffusers_class"):  # saved as the plain diffusers class (models/backbones.py, sdxl.py)
+        index["unet"] = ["diffusers", comps.unet.diffusers_class.__name__]
+    index_path.write_text(json.dumps(index, indent=2))
     return out
