@@ -70,6 +70,10 @@ def collate(
     counts = empty_skips()
     for reason, n in (skipped or {}).items():
         counts[reason] = counts.get(reason, 0) + int(n)
+    if "tensors" in samples[0]:  # cached latents (data/latent_cache.py): the model skips its encoders
+        return {**_cached_tensors(samples), "input_ids": input_ids, "captions": captions,
+                "keys": [str(s["key"]) for s in samples], "meta": [dict(s.get("meta") or {}) for s in samples],
+                "skipped": counts}
     return {
         "pixels": torch.stack([s["pixels"] for s in samples]).to(torch.float32),
         "input_ids": input_ids,
@@ -78,6 +82,19 @@ def collate(
         "meta": [dict(s.get("meta") or {}) for s in samples],
         "skipped": counts,
     }
+
+
+def _cached_tensors(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """`latent_mean`/`latent_std` (float32) and, when every sample has it, the cached text `context` with the mask of
+    rows whose caption was dropped (`context_dropped`: the module puts the empty prompt's context there)."""
+    if not all("tensors" in s for s in samples):
+        raise ValueError("collate: a batch mixes cached-latent and image samples; keep them in separate shards")
+    out = {key: torch.stack([s["tensors"][key] for s in samples]).to(torch.float32)
+           for key in ("latent_mean", "latent_std")}
+    if all("context" in s["tensors"] for s in samples):
+        out["context"] = torch.stack([s["tensors"]["context"] for s in samples]).to(torch.float32)
+        out["context_dropped"] = torch.tensor([bool(s["dropped"]) for s in samples])
+    return out
 
 
 def total_skipped(batch: Mapping[str, Any]) -> int:

@@ -85,10 +85,40 @@ class ShardDataModule(L.LightningDataModule):
             self.train_urls = expand_urls(self.urls if self.urls is not None else ensure_digits_shards(self.resolution))
         if self.val_urls is not None and self.val_url_list is None:
             self.val_url_list = expand_urls(self.val_urls)
+        self.cache_manifest = self._manifest(self.train_urls)
         if self.tokenizer is None:
             raise RuntimeError(
                 "ShardDataModule: no tokenizer; call datamodule.set_tokenizer(model tokenizer) before setup()"
             )
+
+    @staticmethod
+    def _manifest(urls: list[str]) -> dict[str, Any] | None:
+        from data.latent_cache import manifest_path, read_manifest
+
+        path = manifest_path(urls)
+        return read_manifest(path) if path is not None else None
+
+    def check_model(self, components: Any, text_trains: bool = False) -> None:
+        """Before training: cached-latent shards must come from this run's VAE and text encoder (one-line error)."""
+        from data.latent_cache import check_cache
+
+        if self.train_urls is None:
+            self.setup("fit")
+        if self.cache_manifest is None:
+            return
+        if self.random_flip:
+            raise ValueError("data.random_flip=true: cached latents were encoded unflipped; set data.random_flip=false "
+                             "or train on the image shards")
+        if self.kind != "image":
+            raise ValueError(f"data.kind={self.kind}: cached latents hold single images; use data.kind=image")
+        check_cache(self.cache_manifest, components, str(self.train_urls[0]), text_trains)
+
+    @property
+    def cache_expect(self) -> dict[str, Any] | None:
+        from data.latent_cache import expected_shapes
+
+        manifest = getattr(self, "cache_manifest", None)
+        return expected_shapes(manifest) if manifest else None
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -122,6 +152,7 @@ class ShardDataModule(L.LightningDataModule):
             epoch=self._current_epoch(),
             kind=self.kind,
             ties=self.ties,
+            cache=self.cache_expect,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -254,6 +254,19 @@ def _parser() -> argparse.ArgumentParser:
     coup.add_argument("--seed", type=int, default=0)
     coup.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     coup.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    enc = sub.add_parser("encode", help="cache VAE latents and text embeddings of image shards (training then "
+                         "skips the encoders); resumable, shards shared between processes")
+    enc.add_argument("urls", nargs="+", help="image shards: files, a directory, a glob or a brace pattern")
+    enc.add_argument("--out", required=True, help="output dir for the cached shards (and cache.json)")
+    enc.add_argument("--model", required=True, help="the model whose VAE/text encoder to use: a diffusers folder, "
+                     "a run directory or a .ckpt (the run must use the same model)")
+    enc.add_argument("--dtype", default="fp16", help="storage dtype: fp16 (default), bf16 or fp32")
+    enc.add_argument("--vae-dtype", default="fp32", help="VAE compute dtype: fp32 (default) or bf16; never fp16")
+    enc.add_argument("--no-text", action="store_true", help="cache latents only (the text encoder runs in training)")
+    enc.add_argument("--batch-size", type=int, default=64)
+    enc.add_argument("--procs", type=int, default=1, help="processes on this machine, each taking a share of shards")
+    enc.add_argument("--part", default="0/1", help="K/N: this machine's share when several machines encode")
+    enc.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     folder = sub.add_parser("folder", help="a folder of images with .txt captions, or metadata.jsonl/csv")
     folder.add_argument("path", help="the image folder")
     folder.add_argument("--out", required=True, help="output dir for the shards")
@@ -290,6 +303,23 @@ def main(argv: list[str] | None = None) -> int:
                                   args.maxcount, args.seed, args.rank, args.world)
             print(f"foundry-shards couplings: rank {args.rank}/{args.world} wrote {len(res['written'])} shard(s), "
                   f"{len(res['already_present'])} already present (resumed) in {args.out}")
+        elif args.command == "encode":
+            from data.latent_cache import encode_parallel
+            from data.webdataset import expand_urls
+
+            try:
+                k, n = (int(v) for v in args.part.split("/"))
+            except ValueError:
+                raise ValueError(f"foundry-shards encode: --part '{args.part}' is not K/N (e.g. 0/4)") from None
+            urls = expand_urls(args.urls)
+            parts = [(k * args.procs + j, n * args.procs) for j in range(args.procs)]
+            res = encode_parallel(urls, args.out, args.model, args.procs, parts=parts, dtype=args.dtype,
+                                  text=not args.no_text, batch_size=args.batch_size, device=args.device,
+                                  vae_dtype=args.vae_dtype)
+            reasons = ", ".join(f"{r}={c}" for r, c in sorted(res["skipped"].items()) if c) or "none"
+            print(f"foundry-shards encode: wrote {len(res['written'])} shard(s) ({res['samples']} samples), "
+                  f"{len(res['already_present'])} already present (resumed), skipped {sum(res['skipped'].values())} "
+                  f"({reasons}) in {res['seconds']} s -> {res['out']}")
         elif args.command == "pairs":
             from data.preference import write_pair_shards
 

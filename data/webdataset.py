@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import SkipCounter, collate
 from data.couplings import collate_couplings, decode_coupling
+from data.latent_cache import MEMBER as LATENT_MEMBER
+from data.latent_cache import decode_cached
 from data.preference import TIES, collate_pairs, decode_pair
 from data.transforms import BadSample, ImageTransform, decode_caption, drop_caption, load_image
 
@@ -134,6 +136,7 @@ class StreamSpec:
     allow_missing_caption: bool = False
     kind: str = "image"        # image | pair: preference pairs (data/preference.py) | coupling (data/couplings.py)
     ties: str = "drop"         # pairs only: drop | split
+    cache: dict[str, Any] | None = None  # cached-latent shards: the shapes/dtype every sample must have
 
 
 class ShardStream(IterableDataset):
@@ -240,6 +243,12 @@ class ShardStream(IterableDataset):
         self, sample: dict[str, Any], *, aug_rng: random.Random, drop_rng: random.Random
     ) -> dict[str, Any]:
         """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler)."""
+        if LATENT_MEMBER in sample:  # a cached-latent shard (data/latent_cache.py): no image decode, no VAE
+            caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
+            kept = drop_caption(caption, self.spec.caption_dropout, drop_rng)
+            return {"tensors": decode_cached(sample[LATENT_MEMBER], self.spec.cache), "caption": kept,
+                    "dropped": kept != caption or not caption,
+                    "key": f"{sample.get('__url__', '')}/{sample['__key__']}", "meta": _parse_meta(sample.get("json"))}
         image_key = next((k for k in self.spec.image_keys if k in sample), None)
         if image_key is None:
             raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
@@ -334,6 +343,7 @@ def build_stream(
     allow_missing_caption: bool = False,
     kind: str = "image",
     ties: str = "drop",
+    cache: dict[str, Any] | None = None,
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -359,6 +369,6 @@ def build_stream(
         resolution=int(resolution), batch_size=int(batch_size), caption_dropout=float(caption_dropout),
         center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
-        min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties,
+        min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
     )
     return ShardStream(expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)

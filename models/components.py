@@ -224,9 +224,12 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     elif pretrained:
         comps = load_pretrained(pretrained, prediction_type, flow_shift)
     else:
+        from models.tiny import build_preset_vae
+
         unet, text_encoder, tokenizer = build_preset(preset, resolution or 16, seed=seed)
         comps = Components(unet, text_encoder, tokenizer,
-                           make_scheduler(prediction_type or "epsilon", beta_schedule, flow_shift=flow_shift))
+                           make_scheduler(prediction_type or "epsilon", beta_schedule, flow_shift=flow_shift),
+                           vae=build_preset_vae(preset, resolution or 16, seed=seed))
     if guidance_embedding:
         comps.unet = with_guidance_embedding(comps.unet, int(guidance_embedding))
     if gradient_checkpointing:
@@ -256,6 +259,15 @@ def apply_speed_switches(unet: torch.nn.Module, compile: bool | str = False, cha
             raise ValueError(f"model.compile={compile}: not a torch.compile backend; use true (inductor) or one of "
                              f"{', '.join(_dynamo.list_backends())}")
         unet.compile(backend=backend)
+
+
+def vae_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE's latent distribution for pixels in [-1, 1], already in the UNet's
+    scale (`(z - shift_factor) * scaling_factor`): a training latent is `mean + std * noise`. Shared by training
+    (models encode on the fly) and the latent cache (`foundry-shards encode`), so both see the same latents."""
+    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    return (dist.mean - shift) * scale, dist.std * scale
 
 
 @torch.no_grad()

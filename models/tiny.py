@@ -30,6 +30,7 @@ class Preset:
     max_length: int
     vocab_size: int
     norm_groups: int = 8
+    vae_channels: tuple[int, ...] | None = None  # latent presets: a small AutoencoderKL (4 latent channels)
 
 
 PRESETS: dict[str, Preset] = {
@@ -39,6 +40,12 @@ PRESETS: dict[str, Preset] = {
     # Test-sized: a forward pass in milliseconds.
     "micro": Preset((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"),
                     ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 16, 1, 2, 12, 300),
+    # Latent space: tiny_pixel's UNet on 8x8x4 latents of a 2x-downsampling AutoencoderKL (16x16 images). The VAE
+    # starts random; train it on the digits with `python -m models.tiny_vae` (or load a folder) for real samples.
+    "tiny_latent": Preset((32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                          ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 64, 2, 2, 16, 512, vae_channels=(32, 64)),
+    "micro_latent": Preset((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"),
+                           ("CrossAttnUpBlock2D", "UpBlock2D"), 1, 16, 1, 2, 12, 300, vae_channels=(8, 16)),
     # Stable Diffusion 1.5's UNet layout (860 M parameters, random weights) with a small 768-d text encoder: for
     # measuring strategies, memory and throughput on GPUs (model.resolution=64 is SD's latent size).
     "sd15": Preset((320, 640, 1280, 1280), ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -107,12 +114,39 @@ def build_preset(name: str, resolution: int, in_channels: int = 3, seed: int = 0
             backbone = build_transformer(t, resolution, in_channels, name)
         return backbone, text_encoder, tokenizer
     p = PRESETS[name]
-    if resolution % (2 ** (len(p.block_out_channels) - 1)):
-        raise ValueError(f"model.resolution={resolution} must be divisible by "
-                         f"{2 ** (len(p.block_out_channels) - 1)} for preset '{name}'")
+    factor = 2 ** (len(p.block_out_channels) - 1) * vae_factor(p)
+    if resolution % factor:
+        raise ValueError(f"model.resolution={resolution} must be divisible by {factor} for preset '{name}'")
     tokenizer = build_tokenizer(corpus or default_caption_corpus(), p.vocab_size, p.max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = build_text_encoder(p, tokenizer)
-        unet = build_unet(p, resolution, in_channels, p.text_hidden)
+        if p.vae_channels:
+            unet = build_unet(p, resolution // vae_factor(p), LATENT_CHANNELS, p.text_hidden)
+        else:
+            unet = build_unet(p, resolution, in_channels, p.text_hidden)
     return unet, text_encoder, tokenizer
+
+
+LATENT_CHANNELS = 4
+
+
+def vae_factor(p: Preset) -> int:
+    return 2 ** (len(p.vae_channels) - 1) if p.vae_channels else 1
+
+
+def build_preset_vae(name: str, resolution: int, seed: int = 0):
+    """The AutoencoderKL of a latent preset (None for pixel presets), deterministic for a seed."""
+    from diffusers import AutoencoderKL
+
+    p = PRESETS.get(name)
+    if p is None or not p.vae_channels:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+                             block_out_channels=p.vae_channels, layers_per_block=1,
+                             down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+                             up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+                             norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
+                             scaling_factor=1.0)

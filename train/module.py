@@ -19,7 +19,7 @@ from diffusers.optimization import get_scheduler
 
 from data.webdataset import derive_seed
 from models.adapters import adapters_disabled, has_peft_adapter
-from models.components import Components
+from models.components import Components, vae_moments
 from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
 from train.diffusion import DiffusionCore
@@ -115,12 +115,37 @@ class DiffusionModule(L.LightningModule):
         if self.vae is None:
             return pixels
         with torch.no_grad():
-            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+            return self.sample_latents(*vae_moments(self.vae, pixels))
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """A draw from the VAE's latent distribution, from the module's noise generator (reproducible on resume)."""
+        noise = torch.randn(mean.shape, generator=self.noise_generator, device=mean.device, dtype=torch.float32)
+        return (mean.float() + std.float() * noise).to(mean.dtype)
+
+    def batch_x0(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A batch's clean samples in the UNet's space: cached latents (`foundry-shards encode`) when the batch
+        carries them, else its pixels through the VAE (latent models) or as they are (pixel models)."""
+        if "latent_mean" in batch:
+            return self.sample_latents(batch["latent_mean"], batch["latent_std"])
+        return self.encode_images(batch["pixels"])
+
+    def batch_context(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A batch's text context: cached embeddings when present (rows whose caption was dropped get the empty
+        prompt's), else the text encoder on its token ids."""
+        cached = batch.get("context")
+        if cached is None:
+            return self.encode_text(batch["input_ids"])
+        dropped = batch["context_dropped"].to(cached.device)
+        if bool(dropped.any()):
+            empty = self.encode_text(self.empty_prompt_ids(1)).to(cached.dtype)
+            cached = torch.where(dropped[:, None, None], empty.expand_as(cached), cached)
+        return cached
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The UNet's space -> images in [-1, 1] (through the VAE for latent models); differentiable."""
         if self.vae is not None:
-            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
         return x0.float().clamp(-1, 1)
 
     def empty_prompt_ids(self, n: int) -> torch.Tensor:

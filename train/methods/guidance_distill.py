@@ -36,7 +36,7 @@ class GuidanceDistill(Method):
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         core, gen = module.core, module.noise_generator
-        x0 = module.encode_images(batch["pixels"])
+        x0 = module.batch_x0(batch)
         n, ids = x0.shape[0], batch["input_ids"]
         d = core.noised(x0, gen)
         g = self.g_min + torch.rand(n, generator=gen, device=x0.device) * (self.g_max - self.g_min)

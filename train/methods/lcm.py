@@ -67,7 +67,7 @@ class LCM(Method):
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         core, gen = module.core, module.noise_generator
-        x0 = module.encode_images(batch["pixels"])
+        x0 = module.batch_x0(batch)
         n, ids = x0.shape[0], batch["input_ids"]
         grid = ddim_grid(core.num_timesteps, self.num_ddim).to(x0.device)
         idx = torch.randint(0, self.num_ddim, (n,), generator=gen, device=x0.device)

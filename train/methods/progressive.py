@@ -56,7 +56,7 @@ class Progressive(Method):
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         core, gen = module.core, module.noise_generator
-        x0 = module.encode_images(batch["pixels"])
+        x0 = module.batch_x0(batch)
         n, ids = x0.shape[0], batch["input_ids"]
         s = core.num_timesteps // self.student_steps
         i = torch.randint(0, self.student_steps, (n,), generator=gen, device=x0.device)

@@ -65,7 +65,7 @@ class RewardBackprop(Method):
             if "pixels" not in batch:
                 raise ValueError("method.pretrain_weight > 0 needs images in the batch (caption/image shards); set "
                                  "method.pretrain_weight=0 for prompt-only data")
-            reg = denoising_loss(module, module.encode_images(batch["pixels"]), ids)["loss"]
+            reg = denoising_loss(module, module.batch_x0(batch), ids)["loss"]
             loss = loss + self.pretrain_weight * reg
             out["pretrain_loss"] = reg.detach().mean()
         return {"loss": loss, **out}

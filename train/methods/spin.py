@@ -47,7 +47,7 @@ class SPIN(Method):
             return sample(lambda x, t: guided(ref.unet, x, t, cond, uncond, self.sample_guidance), sched, x_T).final
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
-        real = module.encode_images(batch["pixels"])
+        real = module.batch_x0(batch)
         fake = self.opponent_samples(module, batch["input_ids"], real.shape)
         out = preference_loss(*pair_errors(module, real, fake, batch["input_ids"]), beta=self.beta,
                               sft_weight=self.sft_weight)
