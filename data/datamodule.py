@@ -41,6 +41,9 @@ class ShardDataModule(L.LightningDataModule):
         kind: str = "image",
         ties: str = "drop",
         global_batch_size: int | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        jpeg_draft: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -60,6 +63,11 @@ class ShardDataModule(L.LightningDataModule):
         self.min_size = int(min_size)
         self.persistent_workers = bool(persistent_workers)
         self.kind, self.ties = str(kind), str(ties)
+        self.pin_memory = bool(pin_memory)  # page-locked batches: faster host-to-GPU copies
+        if prefetch_factor is not None and int(prefetch_factor) < 1:
+            raise ValueError(f"data.prefetch_factor={prefetch_factor}: give batches per worker >= 1, or null")
+        self.prefetch_factor = None if prefetch_factor is None else int(prefetch_factor)
+        self.jpeg_draft = bool(jpeg_draft)  # JPEGs decoded at a reduced DCT scale when far larger than needed
         self.tokenizer: Any = None
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
@@ -130,7 +138,8 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=num_workers,
             persistent_workers=self.persistent_workers and num_workers > 0,
-            pin_memory=False,
+            pin_memory=self.pin_memory,
+            **({"prefetch_factor": self.prefetch_factor} if self.prefetch_factor and num_workers > 0 else {}),
         )
 
     def build_train_stream(self, urls: list[str], seed: int | None = None,
@@ -153,6 +162,7 @@ class ShardDataModule(L.LightningDataModule):
             kind=self.kind,
             ties=self.ties,
             cache=self.cache_expect,
+            jpeg_draft=self.jpeg_draft,
         )
 
     def train_dataloader(self) -> DataLoader:

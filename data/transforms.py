@@ -55,14 +55,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
-def load_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an 8-bit RGB PIL image, or raise ``BadSample("decode")``."""
+def load_image(data: bytes, draft: int | None = None) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB PIL image, or raise ``BadSample("decode")``.
+
+    `draft`: for JPEGs, let the decoder scale by 1/2, 1/4 or 1/8 in the DCT while both sides stay >= `draft`
+    (PIL's and PIL-SIMD's `Image.draft`): much less decode work for large photos trained at a small size."""
     if not data:
         raise BadSample("decode", "zero-byte image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF / palette images; the rules handle them
             img = Image.open(io.BytesIO(data))
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
             img.load()
     except Exception as exn:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise BadSample("decode", f"{type(exn).__name__}: {exn}") from None

@@ -137,6 +137,7 @@ class StreamSpec:
     kind: str = "image"        # image | pair: preference pairs (data/preference.py) | coupling (data/couplings.py)
     ties: str = "drop"         # pairs only: drop | split
     cache: dict[str, Any] | None = None  # cached-latent shards: the shapes/dtype every sample must have
+    jpeg_draft: bool = False   # decode JPEGs at the smallest DCT scale that still covers the resolution
 
 
 class ShardStream(IterableDataset):
@@ -253,7 +254,8 @@ class ShardStream(IterableDataset):
         if image_key is None:
             raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
         caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
-        pixels = self.transform(load_image(sample[image_key]), aug_rng)
+        pixels = self.transform(load_image(sample[image_key], self.spec.resolution if self.spec.jpeg_draft else None),
+                                aug_rng)
         return {
             "pixels": pixels,
             "caption": drop_caption(caption, self.spec.caption_dropout, drop_rng),
@@ -344,6 +346,7 @@ def build_stream(
     kind: str = "image",
     ties: str = "drop",
     cache: dict[str, Any] | None = None,
+    jpeg_draft: bool = False,
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -370,5 +373,6 @@ def build_stream(
         center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
         min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
+        jpeg_draft=bool(jpeg_draft),
     )
     return ShardStream(expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)

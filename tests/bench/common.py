@@ -86,6 +86,6 @@ def random_batch(comps, n: int, device: str = "cpu") -> dict:
     from models.components import tokenize
 
     g = torch.Generator().manual_seed(0)
-    c, r = comps.unet.config.in_channels, comps.resolution
+    c, r = (3 if comps.vae is not None else comps.unet.config.in_channels), comps.resolution
     return {"pixels": (torch.rand(n, c, r, r, generator=g) * 2 - 1).to(device),
             "input_ids": tokenize(comps.tokenizer, ["a handwritten digit seven"] * n).to(device)}
