@@ -70,18 +70,18 @@ def collate(
     counts = empty_skips()
     for reason, n in (skipped or {}).items():
         counts[reason] = counts.get(reason, 0) + int(n)
-    if "tensors" in samples[0]:  # cached latents (data/latent_cache.py): the model skips its encoders
-        return {**_cached_tensors(samples), "input_ids": input_ids, "captions": captions,
-                "keys": [str(s["key"]) for s in samples], "meta": [dict(s.get("meta") or {}) for s in samples],
-                "skipped": counts}
-    return {
-        "pixels": torch.stack([s["pixels"] for s in samples]).to(torch.float32),
+    batch = {
         "input_ids": input_ids,
         "captions": captions,
         "keys": [str(s["key"]) for s in samples],
         "meta": [dict(s.get("meta") or {}) for s in samples],
         "skipped": counts,
     }
+    if "source" in samples[0]:  # a mixture: which dataset each sample came from (counted per dataset in training)
+        batch["sources"] = [str(s["source"]) for s in samples]
+    if "tensors" in samples[0]:  # cached latents (data/latent_cache.py): the model skips its encoders
+        return {**_cached_tensors(samples), **batch}
+    return {"pixels": torch.stack([s["pixels"] for s in samples]).to(torch.float32), **batch}
 
 
 def _cached_tensors(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

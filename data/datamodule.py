@@ -44,6 +44,7 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         jpeg_draft: bool = False,
+        mixture: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -68,6 +69,11 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.prefetch_factor={prefetch_factor}: give batches per worker >= 1, or null")
         self.prefetch_factor = None if prefetch_factor is None else int(prefetch_factor)
         self.jpeg_draft = bool(jpeg_draft)  # JPEGs decoded at a reduced DCT scale when far larger than needed
+        self.mixture_cfg = [dict(m) for m in mixture] if mixture else None
+        if self.mixture_cfg and self.urls is not None:
+            raise ValueError("data.mixture and data.urls are both set: list every dataset in data.mixture (each with "
+                             "its urls) and set data.urls=null")
+        self.mixture: list[Any] | None = None
         self.tokenizer: Any = None
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
@@ -89,11 +95,24 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve URLs first, so a wrong path fails in one line before any heavy work."""
+        if self.mixture_cfg and self.mixture is None:
+            self.mixture = build_mixture(self.mixture_cfg)
+            self.train_urls = [u for src in self.mixture for u in src.urls]
+            for src in self.mixture:
+                log.info("data.mixture: '%s' %d shard(s), %.1f%% of samples", src.name, len(src.urls),
+                         100 * src.weight / sum(m.weight for m in self.mixture))
         if self.train_urls is None:
             self.train_urls = expand_urls(self.urls if self.urls is not None else ensure_digits_shards(self.resolution))
         if self.val_urls is not None and self.val_url_list is None:
             self.val_url_list = expand_urls(self.val_urls)
-        self.cache_manifest = self._manifest(self.train_urls)
+        self.cache_manifest = self._manifest(self.mixture[0].urls if self.mixture else self.train_urls)
+        if self.mixture and any(self._manifest(list(m.urls)) != self.cache_manifest for m in self.mixture):
+            raise ValueError("data.mixture: mix image shards with image shards and cached latents with latents of "
+                             "the same model; the datasets differ")
+        if self.mixture and self.cache_manifest and self.cache_manifest.get("context_shape") and \
+                any(m.caption_template for m in self.mixture):
+            raise ValueError("data.mixture: caption_template on cached text embeddings (encoded from the raw "
+                             "captions); encode with --no-text or drop the template")
         if self.tokenizer is None:
             raise RuntimeError(
                 "ShardDataModule: no tokenizer; call datamodule.set_tokenizer(model tokenizer) before setup()"
@@ -163,6 +182,7 @@ class ShardDataModule(L.LightningDataModule):
             ties=self.ties,
             cache=self.cache_expect,
             jpeg_draft=self.jpeg_draft,
+            mixture=self.mixture,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -227,6 +247,51 @@ class ShardDataModule(L.LightningDataModule):
             # saved on the epoch's last batch: the loader is built while the trainer still says this epoch, but
             # the next batch is the first of the next epoch
             self._resume = (self._epoch + 1, 0)
+
+
+def build_mixture(entries: list[dict[str, Any]]) -> list[Any]:
+    """`data.mixture` entries -> MixSource list. Each entry: `urls` and either `weight` (a share of samples) or
+    `repeats` (kohya style: each image `repeats` times per pass, so the share is repeats x dataset size); optional
+    `name`, `caption_template` ("{caption}" is the sample's caption) and `caption_dropout`."""
+    from data.shards import count_samples
+    from data.webdataset import MixSource
+
+    known = {"name", "urls", "weight", "repeats", "caption_template", "caption_dropout"}
+    sources, names = [], set()
+    for i, entry in enumerate(entries):
+        where = f"data.mixture[{i}]"
+        if set(entry) - known:
+            raise ValueError(f"{where}: unknown key(s) {sorted(set(entry) - known)}; use {sorted(known)}")
+        if not entry.get("urls"):
+            raise ValueError(f"{where}: no urls; give the dataset's shards (a folder, glob or list)")
+        name = str(entry.get("name") or f"dataset{i}")
+        if name in names:
+            raise ValueError(f"{where}: name '{name}' is used twice; give each dataset its own name")
+        names.add(name)
+        urls = expand_urls(_plain(entry["urls"]))
+        if entry.get("weight") is not None and entry.get("repeats") is not None:
+            raise ValueError(f"{where}: give weight or repeats, not both")
+        if entry.get("weight") is not None:
+            weight = float(entry["weight"])
+        else:
+            if any(u.startswith("pipe:") for u in urls):
+                raise ValueError(f"{where}: repeats needs local shards to count samples; give a weight instead")
+            weight = float(entry.get("repeats", 1)) * count_samples(urls)
+        if not weight > 0:
+            raise ValueError(f"{where}: weight must be > 0, got {weight}")
+        dropout = entry.get("caption_dropout")
+        if dropout is not None and not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"{where}: caption_dropout must be in [0, 1], got {dropout}")
+        template = entry.get("caption_template")
+        if template is not None:
+            try:
+                str(template).format(caption="x")
+            except (KeyError, IndexError, ValueError) as exn:
+                raise ValueError(f"{where}: caption_template '{template}' has a field other than {{caption}} "
+                                 f"({exn})") from None
+        sources.append(MixSource(name, tuple(urls), weight, None if template is None else str(template),
+                                 None if dropout is None else float(dropout)))
+    return sources
 
 
 def _plain(urls: Any) -> str | list[str] | None:

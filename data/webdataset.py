@@ -118,6 +118,17 @@ def _parse_meta(value: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """One dataset of a mixture (`data.mixture`): its shards, its share of samples, caption template and dropout."""
+
+    name: str
+    urls: tuple[str, ...]
+    weight: float
+    caption_template: str | None = None  # e.g. "{caption}, in the style of sks"
+    caption_dropout: float | None = None  # None: data.caption_dropout
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """What a stream reads and how; everything but the urls, tokenizer and placement."""
 
@@ -138,6 +149,7 @@ class StreamSpec:
     ties: str = "drop"         # pairs only: drop | split
     cache: dict[str, Any] | None = None  # cached-latent shards: the shapes/dtype every sample must have
     jpeg_draft: bool = False   # decode JPEGs at the smallest DCT scale that still covers the resolution
+    mixture: tuple[MixSource, ...] | None = None  # several datasets by weight (then `urls` is unused)
 
 
 class ShardStream(IterableDataset):
@@ -203,14 +215,46 @@ class ShardStream(IterableDataset):
 
     def _pipeline(self, epoch: int, worker: int, num_workers: int, counter: SkipCounter) -> wds.DataPipeline:
         spec, where = self.spec, (self.spec.seed, epoch, self.rank, worker)
+        if spec.mixture:
+            stages: list[Any] = [self._mixed(where, num_workers, counter)]
+        else:
+            stages = self._sample_stages(self.urls, where, num_workers, counter)
+        collate_kind = {"pair": collate_pairs, "coupling": collate_couplings}.get(spec.kind, collate)
+        collate_fn = lambda samples: collate_kind(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
+        # Partial batches only in single passes (validation); training batches keep one shape.
+        stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
+        return wds.DataPipeline(*stages)
+
+    def _mixed(self, where: tuple, num_workers: int, counter: SkipCounter):
+        """Samples drawn from the mixture's sources by weight (every source resampled, so endless), each tagged with
+        its source's name; the draw is seeded like everything else, so resume stays exact."""
+        sources = self.spec.mixture
+        weights = [src.weight for src in sources]
+
+        def mixed() -> Iterator[dict[str, Any]]:
+            rng = random.Random(derive_seed(*where, "mix"))
+            streams = [iter(wds.DataPipeline(*self._sample_stages(list(src.urls), (*where, src.name), num_workers,
+                                                                   counter, src))) for src in sources]
+            while True:
+                i = rng.choices(range(len(streams)), weights)[0]
+                sample = next(streams[i], None)
+                if sample is None:  # a source with no readable sample left: the data, not a sample, is broken
+                    raise RuntimeError(f"data.mixture: source '{sources[i].name}' yielded no samples; check its urls")
+                yield {**sample, "source": sources[i].name}
+        return mixed
+
+    def _sample_stages(self, urls: list[str], where: tuple, num_workers: int, counter: SkipCounter,
+                       source: MixSource | None = None) -> list[Any]:
+        """Shards -> decoded samples of one source (the whole stream, or one dataset of a mixture)."""
+        spec, worker = self.spec, where[3]
         if spec.resampled:
             # deterministic=True and a constant worker_seed: the seed we pass is the whole seed.
             seed = derive_seed(*where, "shards")
-            shards: list[Any] = [wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)]
+            shards: list[Any] = [wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True)]
         else:
-            urls = list(self.urls)
+            urls = list(urls)
             if spec.shuffle_buffer > 1:  # same order on every rank (seed, epoch) so the split stays disjoint
-                random.Random(derive_seed(spec.seed, epoch, "shard-order")).shuffle(urls)
+                random.Random(derive_seed(spec.seed, where[1], "shard-order")).shuffle(urls)
             if len(urls) < self.world_size * num_workers and self.rank == 0 and worker == 0:
                 log.warning(
                     "data: %d shard(s) for %d rank(s) x %d worker(s): some ranks/workers get no data "
@@ -228,37 +272,37 @@ class ShardStream(IterableDataset):
         if spec.kind == "pair":
             decode = partial(decode_pair, transform=self.transform, aug_rng=aug_rng, drop_rng=drop_rng,
                              caption_dropout=spec.caption_dropout, ties=spec.ties)
-            collate_kind = collate_pairs
         elif spec.kind == "coupling":
-            decode, collate_kind = decode_coupling, collate_couplings
+            decode = decode_coupling
         else:
-            decode = partial(self._decode, aug_rng=aug_rng, drop_rng=drop_rng)
-            collate_kind = collate
+            decode = partial(self._decode, aug_rng=aug_rng, drop_rng=drop_rng, source=source)
         stages.append(wds.map(_counted(decode, counter), handler=counter.sample_handler))
-        collate_fn = lambda samples: collate_kind(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
-        # Partial batches only in single passes (validation); training batches keep one shape.
-        stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
-        return wds.DataPipeline(*stages)
+        return stages
 
     def _decode(
-        self, sample: dict[str, Any], *, aug_rng: random.Random, drop_rng: random.Random
+        self, sample: dict[str, Any], *, aug_rng: random.Random, drop_rng: random.Random,
+        source: MixSource | None = None,
     ) -> dict[str, Any]:
-        """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler)."""
+        """Raw tar members -> one decoded sample; raises BadSample (counted by the map handler). A mixture's source
+        applies its caption template and its own caption dropout."""
+        image_key = next((k for k in self.spec.image_keys if k in sample), None)
+        if image_key is None and LATENT_MEMBER not in sample:
+            raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+        caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
+        dropout = self.spec.caption_dropout
+        if source is not None:
+            caption = source.caption_template.format(caption=caption) if source.caption_template else caption
+            dropout = dropout if source.caption_dropout is None else source.caption_dropout
         if LATENT_MEMBER in sample:  # a cached-latent shard (data/latent_cache.py): no image decode, no VAE
-            caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
-            kept = drop_caption(caption, self.spec.caption_dropout, drop_rng)
+            kept = drop_caption(caption, dropout, drop_rng)
             return {"tensors": decode_cached(sample[LATENT_MEMBER], self.spec.cache), "caption": kept,
                     "dropped": kept != caption or not caption,
                     "key": f"{sample.get('__url__', '')}/{sample['__key__']}", "meta": _parse_meta(sample.get("json"))}
-        image_key = next((k for k in self.spec.image_keys if k in sample), None)
-        if image_key is None:
-            raise BadSample("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
-        caption = decode_caption(sample.get(self.spec.caption_key), allow_missing=self.spec.allow_missing_caption)
         pixels = self.transform(load_image(sample[image_key], self.spec.resolution if self.spec.jpeg_draft else None),
                                 aug_rng)
         return {
             "pixels": pixels,
-            "caption": drop_caption(caption, self.spec.caption_dropout, drop_rng),
+            "caption": drop_caption(caption, dropout, drop_rng),
             "key": f"{sample.get('__url__', '')}/{sample['__key__']}",
             "meta": _parse_meta(sample.get("json")),
         }
@@ -347,6 +391,7 @@ def build_stream(
     ties: str = "drop",
     cache: dict[str, Any] | None = None,
     jpeg_draft: bool = False,
+    mixture: Sequence[MixSource] | None = None,
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -373,6 +418,9 @@ def build_stream(
         center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
         min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
-        jpeg_draft=bool(jpeg_draft),
+        jpeg_draft=bool(jpeg_draft), mixture=tuple(mixture) if mixture else None,
     )
-    return ShardStream(expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)
+    if mixture and not resampled:
+        raise ValueError("data.mixture needs data.resampled=true: each dataset is drawn by weight from an endless "
+                         "stream; set steps_per_epoch for the epoch length")
+    return ShardStream([] if mixture else expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)

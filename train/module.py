@@ -68,6 +68,7 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.skipped: Counter[str] = Counter()
+        self.source_counts: Counter[str] = Counter()  # samples per dataset of a mixture
         self.run_config: dict[str, Any] | None = None  # the resolved run config, saved in every checkpoint
         # Frozen weights are rebuilt from the config (preset seed or local folder), not stored in checkpoints, so a
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
@@ -251,6 +252,8 @@ class DiffusionModule(L.LightningModule):
     # ----- the loop -----
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         self._account_skipped(batch.get("skipped") or {})
+        if batch.get("sources"):
+            self._account_sources(batch["sources"])
         self.noise_generator.manual_seed(
             derive_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
         out = self.method.loss(batch, self)
@@ -318,6 +321,12 @@ class DiffusionModule(L.LightningModule):
                 f" (limit module.max_nonfinite_steps={self.max_nonfinite_steps}); the last good checkpoint is kept."
                 " Lower the learning rate or use bf16/fp32 precision.")
 
+    def _account_sources(self, sources: list[str]) -> None:
+        """Samples seen per dataset of a mixture (`data/samples/<name>`, all ranks; restored on resume)."""
+        self.source_counts.update(sources)
+        for name in sorted(set(sources)):
+            self.log(f"data/samples/{name}", float(self.source_counts[name]), reduce_fx="sum", sync_dist=True)
+
     def _account_skipped(self, skipped: dict[str, int]) -> None:
         for reason, n in skipped.items():
             self.skipped[reason] += int(n)
@@ -372,13 +381,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["foundry"] = {"skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
+        checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts), "nonfinite_total": self.nonfinite_total,
                                  "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
                                  "method": self.method.state_dict(self)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
+        self.source_counts = Counter(state.get("source_counts", {}))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.method.load_state_dict(state.get("method") or {}, self)
         if "state_dict" in checkpoint:  # DeepSpeed restores the weights from its own shards, not from this dict
