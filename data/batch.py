@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Why a sample was dropped. Order is the order of the pipeline stages.
 SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small", "bad_label",
-                                 "tie", "no_tensor", "bad_tensor")
+                                 "tie", "no_tensor", "bad_tensor", "bad_aspect")
 
 BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
 
@@ -77,6 +77,8 @@ def collate(
         "meta": [dict(s.get("meta") or {}) for s in samples],
         "skipped": counts,
     }
+    if "time_ids" in samples[0]:  # aspect-ratio buckets: SDXL's (original h, w, crop top, left, target h, w)
+        batch["time_ids"] = torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32)
     if "source" in samples[0]:  # a mixture: which dataset each sample came from (counted per dataset in training)
         batch["sources"] = [str(s["source"]) for s in samples]
     if "tensors" in samples[0]:  # cached latents (data/latent_cache.py): the model skips its encoders

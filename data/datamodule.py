@@ -45,6 +45,7 @@ class ShardDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         jpeg_draft: bool = False,
         mixture: list[dict[str, Any]] | None = None,
+        buckets: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -74,6 +75,12 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.mixture and data.urls are both set: list every dataset in data.mixture (each with "
                              "its urls) and set data.urls=null")
         self.mixture: list[Any] | None = None
+        buckets = dict(buckets or {})
+        self.buckets = None
+        if buckets.pop("enabled", False):
+            from data.buckets import BucketSpec
+
+            self.buckets = BucketSpec(resolution=self.resolution, **buckets)
         self.tokenizer: Any = None
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
@@ -183,6 +190,7 @@ class ShardDataModule(L.LightningDataModule):
             cache=self.cache_expect,
             jpeg_draft=self.jpeg_draft,
             mixture=self.mixture,
+            buckets=self.buckets,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -103,24 +103,33 @@ class ImageTransform:
         self.min_size = int(min_size)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return self.fit(img, self.resolution, self.resolution, rng)[0]
+
+    def fit(self, img: Image.Image, width: int, height: int, rng: random.Random | None = None,
+            max_upscale: float | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Resize to cover `width` x `height` (aspect kept), crop to it, maybe flip: ([3,H,W] in [-1, 1], the crop's
+        (top, left) in the resized image, as SDXL's crop conditioning counts it). With `max_upscale`, an image that
+        would need more enlargement than that is refused (`too_small`)."""
         rng = rng or random.Random(0)
         w, h = img.size
         if min(w, h) < max(self.min_size, 1):
             raise BadSample("too_small", f"{w}x{h} < min_size {self.min_size}")
-        res = self.resolution
-        scale = res / min(w, h)
-        new_w, new_h = max(res, round(w * scale)), max(res, round(h * scale))
+        scale = max(width / w, height / h)
+        if max_upscale is not None and scale > max_upscale:
+            raise BadSample("too_small", f"{w}x{h} needs x{scale:.2f} to cover {width}x{height} "
+                                         f"(data.buckets.max_upscale={max_upscale})")
+        new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         if self.center_crop:
-            left, top = (new_w - res) // 2, (new_h - res) // 2
+            left, top = (new_w - width) // 2, (new_h - height) // 2
         else:
-            left, top = rng.randint(0, new_w - res), rng.randint(0, new_h - res)
-        img = img.crop((left, top, left + res, top + res))
+            left, top = rng.randint(0, new_w - width), rng.randint(0, new_h - height)
+        img = img.crop((left, top, left + width, top + height))
         if self.random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(img, dtype=np.float32).reshape(res, res, 3)
-        return torch.from_numpy(arr.transpose(2, 0, 1) / 127.5 - 1.0).contiguous()
+        arr = np.asarray(img, dtype=np.float32).reshape(height, width, 3)
+        return torch.from_numpy(arr.transpose(2, 0, 1) / 127.5 - 1.0).contiguous(), (top, left)
 
     def __repr__(self) -> str:
         return (

@@ -33,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import SkipCounter, collate
+from data.buckets import BucketAssigner, BucketSpec, bucket_batches
 from data.couplings import collate_couplings, decode_coupling
 from data.latent_cache import MEMBER as LATENT_MEMBER
 from data.latent_cache import decode_cached
@@ -150,6 +151,7 @@ class StreamSpec:
     cache: dict[str, Any] | None = None  # cached-latent shards: the shapes/dtype every sample must have
     jpeg_draft: bool = False   # decode JPEGs at the smallest DCT scale that still covers the resolution
     mixture: tuple[MixSource, ...] | None = None  # several datasets by weight (then `urls` is unused)
+    buckets: BucketSpec | None = None  # aspect-ratio buckets (data/buckets.py); None: square crops
 
 
 class ShardStream(IterableDataset):
@@ -168,6 +170,7 @@ class ShardStream(IterableDataset):
         self.urls, self.spec, self.tokenizer = list(urls), spec, tokenizer
         self.rank, self.world_size = rank, world_size
         self.transform = ImageTransform(spec.resolution, spec.center_crop, spec.random_flip, spec.min_size)
+        self.assigner = BucketAssigner(spec.buckets) if spec.buckets else None
         self.next_epoch = int(epoch)
         self.resume_epoch: int | None = None
         self.resume_batches = 0
@@ -221,8 +224,10 @@ class ShardStream(IterableDataset):
             stages = self._sample_stages(self.urls, where, num_workers, counter)
         collate_kind = {"pair": collate_pairs, "coupling": collate_couplings}.get(spec.kind, collate)
         collate_fn = lambda samples: collate_kind(samples, counter.take(), tokenizer=self.tokenizer)  # noqa: E731
-        # Partial batches only in single passes (validation); training batches keep one shape.
-        stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
+        if self.assigner is not None:  # each batch from one bucket (a buffer per bucket)
+            stages.append(bucket_batches(spec.batch_size, collate_fn))
+        else:  # partial batches only in single passes (validation); training batches keep one shape
+            stages.append(wds.batched(spec.batch_size, collation_fn=collate_fn, partial=spec.steps_per_epoch is None))
         return wds.DataPipeline(*stages)
 
     def _mixed(self, where: tuple, num_workers: int, counter: SkipCounter):
@@ -298,9 +303,17 @@ class ShardStream(IterableDataset):
             return {"tensors": decode_cached(sample[LATENT_MEMBER], self.spec.cache), "caption": kept,
                     "dropped": kept != caption or not caption,
                     "key": f"{sample.get('__url__', '')}/{sample['__key__']}", "meta": _parse_meta(sample.get("json"))}
-        pixels = self.transform(load_image(sample[image_key], self.spec.resolution if self.spec.jpeg_draft else None),
-                                aug_rng)
+        out: dict[str, Any] = {}
+        if self.assigner is not None:
+            img = load_image(sample[image_key])
+            (bw, bh), (w, h) = self.assigner(*img.size), img.size
+            pixels, (top, left) = self.transform.fit(img, bw, bh, aug_rng, self.spec.buckets.max_upscale)
+            out = {"bucket": (bw, bh), "time_ids": (h, w, top, left, bh, bw)}
+        else:
+            pixels = self.transform(load_image(sample[image_key],
+                                               self.spec.resolution if self.spec.jpeg_draft else None), aug_rng)
         return {
+            **out,
             "pixels": pixels,
             "caption": drop_caption(caption, dropout, drop_rng),
             "key": f"{sample.get('__url__', '')}/{sample['__key__']}",
@@ -392,6 +405,7 @@ def build_stream(
     cache: dict[str, Any] | None = None,
     jpeg_draft: bool = False,
     mixture: Sequence[MixSource] | None = None,
+    buckets: BucketSpec | None = None,
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -418,8 +432,11 @@ def build_stream(
         center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
         min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
-        jpeg_draft=bool(jpeg_draft), mixture=tuple(mixture) if mixture else None,
+        jpeg_draft=bool(jpeg_draft), mixture=tuple(mixture) if mixture else None, buckets=buckets,
     )
+    if buckets is not None and (kind != "image" or not resampled):
+        raise ValueError("data.buckets: needs data.kind=image and data.resampled=true (every rank then gets exactly "
+                         "steps_per_epoch batches, whatever the buckets)")
     if mixture and not resampled:
         raise ValueError("data.mixture needs data.resampled=true: each dataset is drawn by weight from an endless "
                          "stream; set steps_per_epoch for the epoch length")

@@ -93,6 +93,7 @@ class FoundrySDXLUNet(_SavedAsDiffusersClass, UNet2DConditionModel):
 
     diffusers_class = UNet2DConditionModel
     vae_scale_factor = 8  # pixels per latent; set from the folder's VAE when loaded
+    micro_conditioning: torch.Tensor | None = None  # per-sample time_ids of a bucketed batch, set by the module
 
     @property
     def pooled_dim(self) -> int:
@@ -103,7 +104,9 @@ class FoundrySDXLUNet(_SavedAsDiffusersClass, UNet2DConditionModel):
         if added_cond_kwargs is None:  # our call: unpack the pooled row, add the default size conditioning
             encoder_hidden_states, pooled = split_packed(encoder_hidden_states, self.pooled_dim)
             h, w = (s * self.vae_scale_factor for s in sample.shape[-2:])
-            added_cond_kwargs = {"text_embeds": pooled,
-                                 "time_ids": default_time_ids(h, w, sample.shape[0], sample.device, pooled.dtype)}
+            time_ids = self.micro_conditioning
+            if time_ids is None or time_ids.shape[0] != sample.shape[0]:
+                time_ids = default_time_ids(h, w, sample.shape[0], sample.device, pooled.dtype)
+            added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(sample.device, pooled.dtype)}
         return super().forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
                                **kwargs)

@@ -184,6 +184,19 @@ class DiffusionModule(L.LightningModule):
         with self.repa.capture() as repa:
             yield repa
 
+    @contextlib.contextmanager
+    def micro_conditioning(self, time_ids: torch.Tensor | None) -> Iterator[None]:
+        """A bucketed batch's SDXL size/crop conditioning for the UNet's forwards in the block (SDXL UNets only;
+        other backbones have no such input and ignore it)."""
+        if time_ids is None or not hasattr(self.unet, "micro_conditioning"):
+            yield
+            return
+        self.unet.micro_conditioning = time_ids
+        try:
+            yield
+        finally:
+            self.unet.micro_conditioning = None
+
     @property
     def noise_generator(self) -> torch.Generator:
         """The RNG methods draw noise and timesteps from, reseeded per micro-batch in `training_step`.
@@ -256,7 +269,8 @@ class DiffusionModule(L.LightningModule):
             self._account_sources(batch["sources"])
         self.noise_generator.manual_seed(
             derive_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
-        out = self.method.loss(batch, self)
+        with self.micro_conditioning(batch.get("time_ids")):
+            out = self.method.loss(batch, self)
         loss = out["loss"].mean()
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:
