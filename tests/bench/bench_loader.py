@@ -4,7 +4,9 @@ Writes JPEG shards of synthetic photos (smooth colour fields with texture, `--si
 - `raw`: this process reads the tar members and runs the same decode (`load_image`) and resize/crop
   (`ImageTransform`) in a plain loop: the single-process limit;
 - `loader_wN`: the training data module (shuffle buffer, collation, tokenized captions) with N workers;
-- `*_draft`: the same with `data.jpeg_draft=true` (JPEG DCT-domain downscaling).
+- `*_draft`: the same with `data.jpeg_draft=true` (JPEG DCT-domain downscaling);
+- `buckets_wN`: the loader with aspect-ratio buckets (`data.buckets.enabled=true`) vs `loader_wN`.
+Images come in four shapes (the `--size` W x H, its transpose, a square of side W, and a 2:1 strip).
 The acceptance ratio is loader images/s / raw images/s (goal >= 0.9 with enough workers).
 
     python tests/bench/bench_loader.py [--n 1000] [--size 512x384] [--resolution 128] [--workers 0 1 2]
@@ -28,14 +30,16 @@ def write_shards(out: Path, n: int, size: tuple[int, int], per_shard: int = 250)
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    shapes = [size, size[::-1], (size[0], size[0]), (size[0], size[0] // 2)]
+    grids = {s: np.mgrid[0:s[1], 0:s[0]].astype(np.float32) for s in shapes}
     paths = []
     for s in range(0, n, per_shard):
         path = out / f"photos-{s // per_shard:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
             for i in range(s, min(n, s + per_shard)):
                 a, b, c = rng.uniform(0.002, 0.02, 3)
+                w, h = shapes[i % len(shapes)]
+                yy, xx = grids[(w, h)]
                 img = np.stack([np.sin(xx * a + i) * 60 + 128, np.cos(yy * b) * 60 + 128,
                                 np.sin((xx + yy) * c) * 60 + 128], -1) + rng.normal(0, 12, (h, w, 3))
                 buf = io.BytesIO()
@@ -59,11 +63,16 @@ def raw_rate(paths: list[str], resolution: int, draft: bool) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def loader_rate(paths: list[str], resolution: int, workers: int, draft: bool, tokenizer) -> float:
+def loader_rate(paths: list[str], resolution: int, workers: int, draft: bool, tokenizer, buckets: bool = False,
+                n: int = 0) -> float:
     from data.datamodule import ShardDataModule
 
-    dm = ShardDataModule(urls=paths, resolution=resolution, batch_size=32, num_workers=workers, resampled=False,
-                         steps_per_epoch=None, shuffle_buffer=100, persistent_workers=False, jpeg_draft=draft)
+    # buckets need the resampled stream: the same number of images as one pass
+    stream = {"resampled": True, "steps_per_epoch": max(1, n // 32)} if buckets else \
+        {"resampled": False, "steps_per_epoch": None}
+    dm = ShardDataModule(urls=paths, resolution=resolution, batch_size=32, num_workers=workers, shuffle_buffer=100,
+                         persistent_workers=False, jpeg_draft=draft,
+                         buckets={"enabled": True, "step": 16} if buckets else None, **stream)
     dm.set_tokenizer(tokenizer)
     loader = dm.train_dataloader()
     t0, count = time.perf_counter(), 0
@@ -91,10 +100,14 @@ def main() -> None:
             rates[f"raw{tag}"] = raw_rate(paths, args.resolution, draft)
             for w in args.workers:
                 rates[f"loader_w{w}{tag}"] = loader_rate(paths, args.resolution, w, draft, tokenizer)
+        for w in args.workers:
+            rates[f"buckets_w{w}"] = loader_rate(paths, args.resolution, w, False, tokenizer, True, args.n)
     out = {"benchmark": "loader", "images": args.n, "size": args.size, "resolution": args.resolution,
            "images_per_s": {k: round(v, 1) for k, v in rates.items()},
            "ratio_vs_raw": {k: round(v / rates["raw_draft" if k.endswith("_draft") else "raw"], 3)
                             for k, v in rates.items() if k.startswith("loader")},
+           "ratio_buckets_vs_square": {f"w{w}": round(rates[f"buckets_w{w}"] / rates[f"loader_w{w}"], 3)
+                                       for w in args.workers},
            "draft_speedup_raw": round(rates["raw_draft"] / rates["raw"], 2)}
     print(json.dumps(out, indent=2))
 
