@@ -46,6 +46,7 @@ class ShardDataModule(L.LightningDataModule):
         jpeg_draft: bool = False,
         mixture: list[dict[str, Any]] | None = None,
         buckets: dict[str, Any] | None = None,
+        shard_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
@@ -75,6 +76,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.mixture and data.urls are both set: list every dataset in data.mixture (each with "
                              "its urls) and set data.urls=null")
         self.mixture: list[Any] | None = None
+        self.shard_cache_dir = shard_cache_dir  # local copies of remote shards (pipe:, s3://, http)
         buckets = dict(buckets or {})
         self.buckets = None
         if buckets.pop("enabled", False):
@@ -191,6 +193,7 @@ class ShardDataModule(L.LightningDataModule):
             jpeg_draft=self.jpeg_draft,
             mixture=self.mixture,
             buckets=self.buckets,
+            shard_cache_dir=self.shard_cache_dir,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -152,6 +152,7 @@ class StreamSpec:
     jpeg_draft: bool = False   # decode JPEGs at the smallest DCT scale that still covers the resolution
     mixture: tuple[MixSource, ...] | None = None  # several datasets by weight (then `urls` is unused)
     buckets: BucketSpec | None = None  # aspect-ratio buckets (data/buckets.py); None: square crops
+    shard_cache_dir: str | None = None  # local copies of remote (pipe:, s3://, http) shards
 
 
 class ShardStream(IterableDataset):
@@ -268,6 +269,8 @@ class ShardStream(IterableDataset):
             split = partial(_split_by_rank, rank=self.rank, world=self.world_size)
             by_worker = partial(_split_by_rank, rank=worker, world=num_workers)  # the logical worker, see __iter__
             shards = [wds.SimpleShardList(urls), split, by_worker]
+        if spec.shard_cache_dir:  # remote shards copied to local disk once, then read from there
+            shards.append(partial(cache_remote_shards, cache_dir=spec.shard_cache_dir, handler=counter.read_handler))
         stages = [*shards, partial(tar_samples, handler=counter.read_handler)]
         if spec.shuffle_buffer > 1:
             rng = random.Random(derive_seed(*where, "shuffle"))
@@ -358,6 +361,40 @@ def _shard_files(streams: Iterator[dict[str, Any]], handler: Any) -> Iterator[di
             yield {}
 
 
+def local_shard_path(url: str, cache_dir: str | os.PathLike) -> Path:
+    """Where a remote shard's local copy lives: a digest of the URL (unique) plus its file name (readable)."""
+    import hashlib
+
+    name = url.rstrip("/").split("/")[-1].split()[0] or "shard.tar"
+    return Path(cache_dir).expanduser() / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{name}"
+
+
+def cache_remote_shards(sources: Iterator[dict[str, Any]], cache_dir: str, handler: Any) -> Iterator[dict[str, Any]]:
+    """A shard-list stage: each remote URL is replaced by a local copy, downloaded whole on first use into a
+    temporary file and renamed (so a killed download never leaves a truncated shard that looks complete)."""
+    import shutil
+
+    for source in sources:
+        url = source["url"]
+        if not url.startswith("pipe:"):
+            yield source
+            continue
+        dest = local_shard_path(url, cache_dir)
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            try:
+                with wds.gopen(url, "rb") as stream, open(tmp, "wb") as out:
+                    shutil.copyfileobj(stream, out, 1 << 20)
+                os.replace(tmp, dest)
+            except Exception as exn:  # noqa: BLE001 - a failed download is a read error of that shard
+                tmp.unlink(missing_ok=True)
+                if handler(exn):
+                    continue
+                raise
+        yield {**source, "url": str(dest)}
+
+
 def _split_by_rank(src: Iterator[Any], rank: int, world: int) -> Iterator[Any]:
     """Like wds.split_by_node, but with the rank resolved in the main process (workers may not see it)."""
     for i, item in enumerate(src):
@@ -406,6 +443,7 @@ def build_stream(
     jpeg_draft: bool = False,
     mixture: Sequence[MixSource] | None = None,
     buckets: BucketSpec | None = None,
+    shard_cache_dir: str | None = None,
 ) -> ShardStream:
     """A stream of collated batches from shards (see the module docstring).
 
@@ -433,6 +471,7 @@ def build_stream(
         steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
         min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
         jpeg_draft=bool(jpeg_draft), mixture=tuple(mixture) if mixture else None, buckets=buckets,
+        shard_cache_dir=None if shard_cache_dir is None else str(shard_cache_dir),
     )
     if buckets is not None and (kind != "image" or not resampled):
         raise ValueError("data.buckets: needs data.kind=image and data.resampled=true (every rank then gets exactly "

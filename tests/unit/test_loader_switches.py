@@ -38,3 +38,28 @@ def test_loader_switches_reach_the_dataloader(tmp_path):
     assert dm._loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0).prefetch_factor is None
     with pytest.raises(ValueError, match="data.prefetch_factor=0"):
         ShardDataModule(prefetch_factor=0)
+
+
+def test_remote_shards_are_cached_locally_once_and_reread(tmp_path):
+    import shutil
+
+    from data.digits import ensure_digits_shards
+    from data.webdataset import build_stream, expand_urls, local_shard_path
+    from models.tiny import build_tokenizer, default_caption_corpus
+
+    src = tmp_path / "remote.tar"
+    shutil.copy(expand_urls(ensure_digits_shards(16))[0], src)
+    url = f"pipe:cat {src}"
+    tok = build_tokenizer(default_caption_corpus(), 300, 12)
+
+    def keys():
+        stream = build_stream([url], tokenizer=tok, resolution=16, batch_size=64, resampled=False, shuffle_buffer=0,
+                              shard_cache_dir=str(tmp_path / "cache"))
+        return [k.rsplit("/", 1)[1] for b in stream for k in b["keys"]]
+
+    first = keys()
+    local = local_shard_path(url, tmp_path / "cache")
+    assert local.is_file() and local.read_bytes() == src.read_bytes()
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+    src.unlink()  # the "remote" is gone: the local copy serves the next epoch
+    assert keys() == first and len(first) == 256
