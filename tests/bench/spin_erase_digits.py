@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--erase-steps", type=int, default=200)
     ap.add_argument("--erase-lr", type=float, default=None, help="default: experiment=erase's own (x10 for LoRA)")
     ap.add_argument("--no-preserve", action="store_true", help="erase without the preservation prompts")
+    ap.add_argument("--erase-variants", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides for the erasure runs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "spin_erase_digits", "base": str(args.base)}
@@ -57,15 +59,17 @@ def main() -> None:
         result["erase_before"] = erase_scores(pipeline(args.base))
         others = ",".join(eval_prompt(d) for d in range(10) if d != 7)
         keep = [] if args.no_preserve else [f"method.preserve=[{others}]"]
-        for name, extra in (("erase_full", []), ("erase_lora", ["adapter=lora", "adapter.target=xattn", "adapter.rank=4"])):
+        variants = {"erase_full": [], "erase_lora": ["adapter=lora", "adapter.target=xattn", "adapter.rank=4"]}
+        for name, extra in ((k, v) for k, v in variants.items() if k.removeprefix("erase_") in args.erase_variants):
             base_lr = args.erase_lr or 1e-5  # experiment=erase's; a LoRA takes 10x
             lr = [f"optimizer.lr={base_lr * (10 if extra else 1)}"] if (args.erase_lr or extra) else []
             s = train(args.out, name, "experiment=erase", f"method.concept={SEVEN}", f"model.pretrained={args.base}",
                       f"trainer.max_steps={args.erase_steps}", *keep, *lr,
-                      "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0", *extra)
+                      "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0", *extra, *args.extra)
             result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"],
                             "after": erase_scores(pipeline(args.out / name / "checkpoints" / "last.ckpt"))}
-        result["erase_lora"]["load_time_scales"] = lora_scales(args.out / "erase_lora", args.out / "erase_lora_export")
+        if "erase_lora" in result:
+            result["erase_lora"]["load_time_scales"] = lora_scales(args.out / "erase_lora", args.out / "erase_lora_export")
     result["curves_png"] = plot(args.out, ["spin", "erase_full", "erase_lora"], "train/loss")
     dump(result, args.out / "spin_erase_digits.json")
 
