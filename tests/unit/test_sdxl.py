@@ -115,3 +115,25 @@ def test_sdxl_trains_through_cli_and_exports_to_diffusers(sdxl_dir, tmp_path):
     assert abs(a - b).max() < 1e-5
     again = export_pipeline(load_pretrained(out), tmp_path / "again")  # and round-trips through our loader
     assert (again / "text_encoder_2").is_dir() and (again / "tokenizer_2").is_dir()
+
+
+def test_bucketed_batch_time_ids_reach_the_sdxl_unet_in_training(sdxl_dir, tiny_cfg):
+    from train.build import build_module
+
+    module = build_module(tiny_cfg("model=pretrained", f"model.pretrained={sdxl_dir}",
+                                   "model.gradient_checkpointing=false"))
+    ids = tokenize(module.components.tokenizer, PROMPTS)
+    batch = {"pixels": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": ids,
+             "time_ids": torch.tensor([[40.0, 20, 8, 0, 16, 16], [16, 64, 0, 24, 16, 16]])}
+    seen = []
+    module.unet.register_forward_pre_hook(lambda m, args: seen.append(m.micro_conditioning))
+
+    def loss(with_ids: bool):
+        module.noise_generator.manual_seed(0)
+        with module.micro_conditioning(batch["time_ids"] if with_ids else None):
+            return module.method.loss(batch, module)["loss"]
+
+    plain, bucketed = loss(False), loss(True)
+    assert seen[0] is None and torch.equal(seen[1], batch["time_ids"])
+    assert module.unet.micro_conditioning is None  # cleared after the step
+    assert not torch.allclose(plain, bucketed)
