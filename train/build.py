@@ -81,7 +81,8 @@ def build_datamodule(cfg: DictConfig, module: DiffusionModule) -> L.LightningDat
     datamodule = instantiate(cfg.data, _convert_="all", **native)  # resolution null: the model's native size;
     # _convert_=all: plain containers, so checkpoints (which store the data hyperparameters) load weights-only
     datamodule.set_tokenizer(module.components.tokenizer)
-    if getattr(datamodule, "urls", None) is not None and hasattr(datamodule, "check_model"):
+    given = getattr(datamodule, "urls", None) is not None or getattr(datamodule, "mixture_cfg", None)
+    if given and hasattr(datamodule, "check_model"):
         # cached-latent shards must match this model's encoders: refused here, before any training
         text_trains = any(p.requires_grad for p in module.text_encoder.parameters())
         datamodule.check_model(module.components, text_trains)
