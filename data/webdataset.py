@@ -402,6 +402,16 @@ def _split_by_rank(src: Iterator[Any], rank: int, world: int) -> Iterator[Any]:
             yield item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: schedulers (SLURM, timeout, Kubernetes) signal the whole process
+    group, and a worker killed by it would crash the main process before it saves its checkpoint at the batch
+    boundary. The main process decides; workers exit when it shuts them down (or when it dies)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamLoader(DataLoader):
     """A DataLoader that advances the stream's epoch when workers are re-created each epoch.
 
@@ -409,6 +419,10 @@ class StreamLoader(DataLoader):
     whose epoch never advances on its own; persistent workers and
     ``num_workers=0`` advance their own copies.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("worker_init_fn", ignore_stop_signals)
+        super().__init__(*args, **kwargs)
 
     def __iter__(self):  # type: ignore[override]
         iterator = super().__iter__()

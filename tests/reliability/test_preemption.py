@@ -13,10 +13,12 @@ from tests.conftest import cli, small
 pytestmark = pytest.mark.integration
 
 
-def signal_mid_training(args: list[str], sig: int, env: dict[str, str]) -> tuple[int, str]:
-    """Start the CLI, wait until training is under way (the periodic checkpoint is far away), send `sig`;
+def signal_mid_training(args: list[str], sig: int, env: dict[str, str], group: bool = False) -> tuple[int, str]:
+    """Start the CLI, wait until training is under way (the periodic checkpoint is far away), send `sig` (to the
+    whole process group with `group`, as SLURM and `timeout` do: DataLoader workers get it too);
     returns the exit code and the whole log."""
-    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=group)
     deadline, lines = time.time() + 180, []
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -24,7 +26,10 @@ def signal_mid_training(args: list[str], sig: int, env: dict[str, str]) -> tuple
         if "Total params" in line or "Trainable params" in line:
             break
     time.sleep(4.0)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, "".join(lines) + out
 
@@ -45,6 +50,18 @@ def test_signal_saves_checkpoint_before_exit_and_resume_continues(tmp_path, sig)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"at step {step}" in res.stdout + res.stderr
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == step + 2
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """SLURM's scancel/preemption and `timeout` signal every process of the job, DataLoader workers included."""
+    args = small(f"paths.output_dir={tmp_path}", "run_name=grp", "callbacks=none", "checkpoint.every_n_steps=1000",
+                 "trainer.max_steps=100000", "logger=none", "data.num_workers=2")
+    code, log = signal_mid_training(args, signal.SIGTERM, os.environ.copy(), group=True)
+    assert code == 143, log[-3000:]
+    assert "preempted at step" in log and "killed by signal" not in log
+    step = torch.load(tmp_path / "grp" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)["global_step"]
+    assert 0 < step < 1000
 
 
 def test_slurm_signal_saves_then_requeues_the_job(tmp_path):
