@@ -61,7 +61,7 @@ def main() -> None:
         keep = [] if args.no_preserve else [f"method.preserve=[{others}]"]
         variants = {"erase_full": [], "erase_lora": ["adapter=lora", "adapter.target=xattn", "adapter.rank=4"]}
         for name, extra in ((k, v) for k, v in variants.items() if k.removeprefix("erase_") in args.erase_variants):
-            base_lr = args.erase_lr or 1e-5  # experiment=erase's; a LoRA takes 10x
+            base_lr = args.erase_lr or 1e-4  # experiment=erase's; a LoRA takes 10x
             lr = [f"optimizer.lr={base_lr * (10 if extra else 1)}"] if (args.erase_lr or extra) else []
             s = train(args.out, name, "experiment=erase", f"method.concept={SEVEN}", f"model.pretrained={args.base}",
                       f"trainer.max_steps={args.erase_steps}", *keep, *lr,
