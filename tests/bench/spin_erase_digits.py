@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--no-preserve", action="store_true", help="erase without the preservation prompts")
     ap.add_argument("--erase-variants", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for the erasure runs")
+    ap.add_argument("--spin-extra", nargs="*", default=[], help="overrides for the SPIN run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "spin_erase_digits", "base": str(args.base)}
@@ -50,7 +51,7 @@ def main() -> None:
                   f"method.steps_per_iteration={args.spin_steps}", f"trainer.max_steps={2 * args.spin_steps}",
                   f"checkpoint.every_n_steps={args.spin_steps}", "checkpoint.keep_last=-1",
                   *([f"optimizer.lr={args.spin_lr}"] if args.spin_lr else []),
-                  "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0")
+                  "callbacks.digits_eval.enabled=false", "callbacks.sample_images.every_n_steps=0", *args.spin_extra)
         ckpts = sorted((args.out / "spin" / "checkpoints").glob("step*.ckpt"))
         result["spin"] = {"train_seconds": s["wall_seconds"], "command": s["command"],
                           **{f"after_iteration_{i + 1}": digits_metrics(pipeline(c), GUIDANCE)
