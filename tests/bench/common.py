@@ -89,3 +89,19 @@ def random_batch(comps, n: int, device: str = "cpu") -> dict:
     c, r = (3 if comps.vae is not None else comps.unet.config.in_channels), comps.resolution
     return {"pixels": (torch.rand(n, c, r, r, generator=g) * 2 - 1).to(device),
             "input_ids": tokenize(comps.tokenizer, ["a handwritten digit seven"] * n).to(device)}
+
+
+def run_result(summary: dict, prefixes: tuple[str, ...] = ("val/",)) -> dict:
+    """What a proof script keeps of one training run: command, wall-clock, steps and the metrics under `prefixes`."""
+    return {"command": summary["command"], "wall_seconds": summary["wall_seconds"],
+            "steps": summary.get("global_step"), **{k: v for k, v in summary.items() if k.startswith(prefixes)}}
+
+
+def save_result(out: Path, name: str, result: dict) -> None:
+    """OUT/result_<name>.json (one per variant, so variants can run in parallel processes)."""
+    (out / f"result_{name}.json").write_text(json.dumps(result, indent=2))
+
+
+def dump_results(out: Path) -> None:
+    """Print every variant's result found in OUT as one JSON object."""
+    dump({p.stem.removeprefix("result_"): json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))})

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import dump, train
+from common import dump_results, run_result, save_result, train
 
 VARIANTS = {
     "dit": ["experiment=dit"],
@@ -89,11 +89,8 @@ def main() -> None:
             if not (enc_dir / "config.json").exists():
                 (args.out / "result_encoder.json").write_text(json.dumps(train_encoder(enc_dir), indent=2))
             overrides.append(f"repa.encoder={enc_dir}")
-        s = train(args.out, name, *overrides)
-        result = {"command": s["command"], "wall_seconds": s["wall_seconds"], "steps": s.get("global_step"),
-                  **{k: v for k, v in s.items() if k.startswith("val/")}}
-        (args.out / f"result_{name}.json").write_text(json.dumps(result, indent=2))
-    dump({p.stem.removeprefix("result_"): json.loads(p.read_text()) for p in sorted(args.out.glob("result_*.json"))})
+        save_result(args.out, name, run_result(train(args.out, name, *overrides)))
+    dump_results(args.out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ Writes OUT/result_<step>.json per step (the training variants can run in paralle
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, dump, train
+from common import ROOT, dump_results, run_result, save_result, train
 
 STEPS = ("base", "encode", "images", "cached")
 
@@ -50,11 +49,9 @@ def main() -> None:
         else:
             overrides = ["model=pretrained", f"model.pretrained={base}", f"trainer.max_steps={args.steps}",
                          *([f"data.urls={cache}"] if step == "cached" else []), *args.extra]
-            s = train(args.out, step, *overrides)
-            result = {"command": s["command"], "wall_seconds": s["wall_seconds"], "steps": s.get("global_step"),
-                      **{k: v for k, v in s.items() if k.startswith(("val/", "perf/"))}}
-        (args.out / f"result_{step}.json").write_text(json.dumps(result, indent=2))
-    dump({p.stem.removeprefix("result_"): json.loads(p.read_text()) for p in sorted(args.out.glob("result_*.json"))})
+            result = run_result(train(args.out, step, *overrides), ("val/", "perf/"))
+        save_result(args.out, step, result)
+    dump_results(args.out)
 
 
 if __name__ == "__main__":
