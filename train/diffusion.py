@@ -45,7 +45,12 @@ class DiffusionCore:
 
     def __init__(self, scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, loss_type: str = "mse", huber_c: float = 0.001,
-                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
+                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 timestep_range: tuple[float, float] = (0.0, 1.0)):
+        lo, hi = (float(v) for v in timestep_range)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"loss.timestep_range={list(timestep_range)}: expected [lo, hi] with 0 <= lo < hi <= 1 "
+                             "(fractions of the noise schedule, e.g. [0.5, 1.0] for the noisier half)")
         if loss_type not in ("mse", "huber"):
             raise ValueError(f"loss.type: '{loss_type}' is not one of mse, huber")
         if timestep_sampling not in TIMESTEP_SAMPLING:
@@ -61,6 +66,7 @@ class DiffusionCore:
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, float(logit_mean), float(logit_std)
         self.shift = float(scheduler.config.get("shift", 1.0)) if self.flow else 1.0
         self._acp = None if self.flow else scheduler.alphas_cumprod.float()
+        self.timestep_range = (lo, hi)
 
     def require(self, objectives: tuple[str, ...], who: str, hint: str = "") -> None:
         """One line naming the objective when a method cannot work with this model's."""
@@ -79,15 +85,21 @@ class DiffusionCore:
 
     def sample_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None):
         """VP: uniform integer timesteps. Flow: s uniform or logit-normal (SD3), shifted s' = k s / (1 + (k-1) s),
-        returned as float timesteps t = s' T (what the schedulers and time embeddings use)."""
+        returned as float timesteps t = s' T (what the schedulers and time embeddings use).
+        `timestep_range` [lo, hi] restricts training to that part of the schedule: VP timesteps in [lo T, hi T),
+        flow noise levels s' in [lo, hi] (the density is mapped into the range, then shifted)."""
+        lo, hi = self.timestep_range
         if not self.flow:
-            return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+            first, end = int(round(lo * self.num_timesteps)), max(int(round(hi * self.num_timesteps)), 1)
+            return torch.randint(min(first, end - 1), end, (n,), device=device, generator=generator)
         if self.timestep_sampling == "logit_normal":
             u = torch.randn((n,), device=device, generator=generator) * self.logit_std + self.logit_mean
             s = torch.sigmoid(u)
         else:
             s = torch.rand((n,), device=device, generator=generator)
         s = self.shift * s / (1 + (self.shift - 1) * s)
+        if (lo, hi) != (0.0, 1.0):
+            s = lo + (hi - lo) * s
         return s * self.num_timesteps
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for the DreamBooth runs")
+    ap.add_argument("--variants", nargs="+", default=["with_prior", "without_prior"],
+                    choices=["with_prior", "without_prior"], help="which DreamBooth runs (default both)")
     ap.add_argument("--class-prompts", choices=["class", "digits"], default="class",
                     help="class: one class prompt ('a handwritten digit'); digits: the nine prompts 'a handwritten "
                          "digit k', k = 0..8, whose accuracy the prior-preservation figure measures")
@@ -80,6 +82,8 @@ def main() -> None:
     class_prompt = CLASS_PROMPT if args.class_prompts == "class" else f"[{','.join(eval_prompt(d) for d in range(9))}]"
     result["class_prompt"] = class_prompt
     for name, prior in (("with_prior", True), ("without_prior", False)):
+        if name not in args.variants:
+            continue
         s = train(args.out, f"db-{name}", f"experiment={args.experiment}", f"model.pretrained={base}",
                   f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT}",
                   f"data.class_prompt={class_prompt}", f"data.prior_preservation={str(prior).lower()}",

@@ -92,3 +92,24 @@ def test_masked_error_averages_over_kept_elements_only():
     mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     assert core.per_sample_error(pred, target, mask).item() == pytest.approx((1 + 16) / 2)
     assert core.per_sample_error(pred, target).item() == pytest.approx(30 / 4)
+
+
+def test_timestep_range_restricts_vp_and_flow_draws_and_default_draws_are_unchanged():
+    g = torch.Generator().manual_seed(0)
+    t = core(timestep_range=(0.5, 1.0)).sample_timesteps(5000, "cpu", g)
+    assert int(t.min()) >= 500 and int(t.max()) <= 999 and abs(float(t.float().mean()) - 749.5) < 10
+    t = core(timestep_range=(0.0, 0.2)).sample_timesteps(5000, "cpu", g)
+    assert int(t.min()) == 0 and int(t.max()) == 199
+    # the full range draws exactly what the core always drew (same generator state -> same timesteps)
+    a = core().sample_timesteps(64, "cpu", torch.Generator().manual_seed(3))
+    b = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    flow = DiffusionCore(make_scheduler("flow", flow_shift=3.0), timestep_range=(0.25, 0.75))
+    s = flow.sample_timesteps(5000, "cpu", g) / 1000
+    assert float(s.min()) >= 0.25 and float(s.max()) <= 0.75
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.5), (0.9, 0.1)])
+def test_timestep_range_refuses_an_empty_or_out_of_range_interval(bad):
+    with pytest.raises(ValueError, match="loss.timestep_range"):
+        core(timestep_range=bad)
