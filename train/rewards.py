@@ -179,6 +179,36 @@ class WeightedSum(Reward):
         return sum(w * r(images, prompts) for r, w in self.terms)
 
 
+class Augmented(Reward):
+    """The mean of `reward` over `draws` random translations (up to `max_shift` pixels, edge pixels repeated) and
+    optional Gaussian pixel noise: an expectation over transformations. Reward backprop follows the reward's
+    gradient, and a small judge's raw gradient points at pixel patterns it alone reads (adversarial texture);
+    the averaged reward only rises for what survives a shift, which is the shape. Same differentiability as
+    `reward`."""
+
+    def __init__(self, reward: Reward, max_shift: int = 1, noise_std: float = 0.0, draws: int = 4, seed: int = 0):
+        if max_shift < 0 or noise_std < 0 or draws < 1:
+            raise ValueError(f"reward.max_shift={max_shift}, noise_std={noise_std}, draws={draws}: expected "
+                             "max_shift >= 0, noise_std >= 0, draws >= 1")
+        self.reward, self.max_shift, self.noise_std, self.draws = reward, int(max_shift), float(noise_std), int(draws)
+        self.name, self.differentiable = f"augmented_{reward.name}", reward.differentiable
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_offsets: list[tuple[int, int]] = []
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        m, (h, w) = self.max_shift, images.shape[-2:]
+        padded = F.pad(images, (m, m, m, m), mode="replicate") if m else images
+        total, self.last_offsets = 0.0, []
+        for _ in range(self.draws):
+            dy, dx = (int(v) for v in torch.randint(0, 2 * m + 1, (2,), generator=self.generator))
+            self.last_offsets.append((dy, dx))
+            view = padded[..., dy:dy + h, dx:dx + w]
+            if self.noise_std:
+                view = view + self.noise_std * torch.randn(view.shape, generator=self.generator).to(view)
+            total = total + self.reward(view, prompts)
+        return total / self.draws
+
+
 def finite_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(mask of usable samples, how many were NaN/Inf): bad rewards drop their samples instead of the batch."""
     ok = torch.isfinite(rewards)

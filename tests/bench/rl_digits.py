@@ -47,6 +47,9 @@ VARIANTS = {
     "ddpo": ["experiment=ddpo"],
     "ddpo_lora": ["experiment=ddpo_lora"],
     "reward_backprop": ["experiment=reward_backprop", "method.grad_last=2"],
+    "alignprop": ["experiment=reward_backprop", "method.grad_last=20"],  # the whole 20-step chain
+    "reward_backprop_augmented": ["experiment=reward_backprop", "method.grad_last=2", "reward=digits_augmented"],
+    "alignprop_augmented": ["experiment=reward_backprop", "method.grad_last=20", "reward=digits_augmented"],
     "jpeg": ["experiment=ddpo", "reward=jpeg_incompressibility"],
 }
 
@@ -73,7 +76,7 @@ def main() -> None:
                  "reward_first_last": [rewards[0][1], rewards[-1][1]] if rewards else None,
                  "reward_curve": rewards[:: max(1, len(rewards) // 20)]}
         entry["after_heldout_reward"] = rewards_of(pipe)
-        if name != "jpeg":
+        if name != "jpeg":  # the held-out reward stays the plain judge's log-prob for every variant
             entry["after"] = digits_metrics(pipe, GUIDANCE)
         if "train/rollout_seconds" in s:
             entry["rollout_seconds"], entry["non_rollout_seconds"] = s["train/rollout_seconds"], s["train/train_seconds"]

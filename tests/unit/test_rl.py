@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train.methods.ddpo import ppo_loss
-from train.rewards import (AestheticScore, CLIPScore, DigitsLogProb, JpegSize, WeightedSum, digit_in_prompt,
+from train.rewards import (AestheticScore, Augmented, CLIPScore, DigitsLogProb, JpegSize, WeightedSum, digit_in_prompt,
                            per_prompt_advantages)
 
 
@@ -72,6 +72,25 @@ def test_builtin_rewards():
     assert x.grad.abs().sum() > 0
     both = WeightedSum([{"reward": digits, "weight": 2.0}, {"reward": incomp, "weight": 0.5}])
     assert not both.differentiable and both(images, ["one", "one"]).shape == (2,)
+
+
+def test_augmented_reward_is_the_mean_over_its_shifted_copies_and_stays_differentiable():
+    digits = DigitsLogProb()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    prompts = ["a handwritten digit seven", "a handwritten digit one", "a handwritten digit zero"]
+    assert torch.allclose(Augmented(digits, max_shift=0, draws=3)(images, prompts), digits(images, prompts))
+    aug = Augmented(digits, max_shift=2, draws=5, seed=1)
+    x = images.clone().requires_grad_(True)
+    r = aug(x, prompts)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    by_hand = sum(digits(padded[..., dy:dy + 16, dx:dx + 16], prompts) for dy, dx in aug.last_offsets) / 5
+    assert torch.allclose(r, by_hand, atol=1e-6)
+    assert len(set(aug.last_offsets)) > 1 and not torch.allclose(r, digits(images, prompts))
+    r.sum().backward()
+    assert aug.differentiable and x.grad.abs().sum() > 0
+    assert not Augmented(JpegSize(1)).differentiable
+    with pytest.raises(ValueError, match="draws"):
+        Augmented(digits, draws=0)
 
 
 @pytest.fixture(scope="module")
