@@ -46,10 +46,9 @@ def rewards_of(pipe) -> dict:
 VARIANTS = {
     "ddpo": ["experiment=ddpo"],
     "ddpo_lora": ["experiment=ddpo_lora"],
-    "reward_backprop": ["experiment=reward_backprop", "method.grad_last=2"],
-    "alignprop": ["experiment=reward_backprop", "method.grad_last=20"],  # the whole 20-step chain
-    "reward_backprop_augmented": ["experiment=reward_backprop", "method.grad_last=2", "reward=digits_augmented"],
-    "alignprop_augmented": ["experiment=reward_backprop", "method.grad_last=20", "reward=digits_augmented"],
+    "alignprop": ["experiment=reward_backprop"],  # the whole 20-step chain (the experiment's default)
+    "draft2": ["experiment=reward_backprop", "method.grad_last=2"],  # DRaFT-K, the last 2 steps only
+    "alignprop_augmented": ["experiment=reward_backprop", "reward=digits_augmented"],
     "jpeg": ["experiment=ddpo", "reward=jpeg_incompressibility"],
 }
 

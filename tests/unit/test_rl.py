@@ -213,3 +213,13 @@ def test_reward_backprop_pretrain_regulariser_adds_the_denoising_loss(tiny_cfg):
     with pytest.raises(ValueError, match="method.pretrain_weight > 0 needs images") as err:
         module.method.loss({"input_ids": ids, "captions": captions}, module)
     assert "\n" not in str(err.value)
+
+
+def test_reward_backprop_defaults_to_the_whole_chain_and_refuses_a_k_beyond_it(tiny_cfg):
+    from train.build import build_module
+
+    assert build_module(tiny_cfg("experiment=reward_backprop", "method.sample_steps=3")).method.grad_last == 3
+    assert build_module(tiny_cfg("experiment=reward_backprop", "method.sample_steps=3",
+                                 "method.grad_last=1")).method.grad_last == 1
+    with pytest.raises(ValueError, match="method.grad_last=4: expected 1..sample_steps"):
+        build_module(tiny_cfg("experiment=reward_backprop", "method.sample_steps=3", "method.grad_last=4"))

@@ -1,6 +1,8 @@
 """Reward backpropagation (DRaFT-K, Clark et al.; AlignProp, Prabhudesai et al.): maximise a differentiable reward
-by backpropagating through the last K denoising steps of the model's own sampler (K = sample_steps: AlignProp's
-full chain), with gradient checkpointing so memory does not grow with K. The loss is -reward per sample, plus
+by backpropagating through the last K denoising steps of the model's own sampler (K = sample_steps, the default:
+AlignProp's full chain), with gradient checkpointing so memory does not grow with K. On the digits world the full
+chain is what moves the judged digit: the last steps alone (DRaFT-K, K = 1, 2) only change texture, which raises a
+small judge's reward without raising its accuracy. The loss is -reward per sample, plus
 optionally (`pretrain_weight` > 0, ReFL's regulariser, Xu et al.) the core's denoising loss on the batch's real images,
 which keeps the model a sampler of the data while the reward pulls on its last steps: without it a small model drifts
 to images the reward was never trained on.
@@ -24,11 +26,12 @@ log = logging.getLogger(__name__)
 class RewardBackprop(Method):
     name = "reward_backprop"
 
-    def __init__(self, reward: Reward, sample_steps: int = 20, grad_last: int = 1, guidance: float = 1.0,
+    def __init__(self, reward: Reward, sample_steps: int = 20, grad_last: int | None = None, guidance: float = 1.0,
                  checkpointing: bool = True, pretrain_weight: float = 0.0):
         if not reward.differentiable:
             raise ValueError(f"method=reward_backprop: reward '{reward.name}' is not differentiable; use DDPO "
                              "(method=ddpo) for it, or a differentiable reward (digits, clip_score, aesthetic)")
+        grad_last = sample_steps if grad_last is None else grad_last  # None: the whole chain (AlignProp)
         if not 1 <= grad_last <= sample_steps:
             raise ValueError(f"method.grad_last={grad_last}: expected 1..sample_steps ({sample_steps})")
         self.reward, self.sample_steps, self.grad_last = reward, int(sample_steps), int(grad_last)
