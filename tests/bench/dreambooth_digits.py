@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import ROOT, digits_metrics, dump, pipeline, train
 
-INSTANCE_PROMPT = "a handwritten digit sks"
+INSTANCE_PROMPT = "a handwritten digit {}"  # {} = the identifier (sks by default)
 CLASS_PROMPT = "a handwritten digit"
 GUIDANCE = (1.0, 2.0, 3.0, 4.0)
 
@@ -32,16 +32,34 @@ def write_instance_images(folder: Path, n: int = 5) -> None:
         img.save(folder / f"nine_{i}.png")
 
 
-def fidelity(pipe) -> dict:
+def write_real_class_images(folder: Path, per_digit: int = 22) -> None:
+    """Real digits 0-8 as the class folder (PNG + same-named .txt caption), the first `per_digit` of each: what a
+    user's own regularization photos are to DreamBooth (no generation needed when the folder is full)."""
+    from data.digits import digit_images, eval_prompt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = digit_images(16)
+    seen: dict[int, int] = {}
+    for img, label in zip(images, labels):
+        label = int(label)
+        if label == 9 or seen.get(label, 0) >= per_digit:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        stem = folder / f"real_{label}_{seen[label]:02d}"
+        img.save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(eval_prompt(label))
+
+
+def fidelity(pipe, identifier: str) -> dict:
     from train.evaluate import prompt_share
 
-    return {f"g{g:g}": round(prompt_share(pipe, INSTANCE_PROMPT, 9, n=100, guidance_scale=g), 3) for g in GUIDANCE}
+    return {f"g{g:g}": round(prompt_share(pipe, INSTANCE_PROMPT.format(identifier), 9, n=100, guidance_scale=g), 3) for g in GUIDANCE}
 
 
-def scores(run_or_ckpt) -> dict:
+def scores(run_or_ckpt, identifier: str) -> dict:
     pipe = pipeline(Path(run_or_ckpt) / "checkpoints" / "last.ckpt" if Path(run_or_ckpt).is_dir() else run_or_ckpt)
     prior = digits_metrics(pipe, GUIDANCE, n_per_digit=20, digits=range(9))
-    return {"fidelity_nine": fidelity(pipe), "prior_accuracy_0_8": prior["prompt_accuracy"],
+    return {"fidelity_nine": fidelity(pipe, identifier), "prior_accuracy_0_8": prior["prompt_accuracy"],
             "prior_accuracy_by_guidance": {k: v for k, v in prior.items() if k.startswith("prompt_accuracy_g")}}
 
 
@@ -59,6 +77,11 @@ def main() -> None:
     ap.add_argument("--class-prompts", choices=["class", "digits"], default="class",
                     help="class: one class prompt ('a handwritten digit'); digits: the nine prompts 'a handwritten "
                          "digit k', k = 0..8, whose accuracy the prior-preservation figure measures")
+    ap.add_argument("--class-source", choices=["generated", "real"], default="generated",
+                    help="generated: the base model's samples (DreamBooth's prior preservation); real: real digits 0-8 "
+                         "with their captions (regularization images; needs --class-prompts digits)")
+    ap.add_argument("--identifier", default="sks", help="the subject's identifier word in the instance prompt")
+    ap.add_argument("--class-guidance", type=float, default=2.0, help="guidance of the generated class images")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "dreambooth_digits", "experiment": args.experiment}
@@ -73,7 +96,8 @@ def main() -> None:
         result["base_train_seconds"] = s["wall_seconds"]
         base = args.out / "base-0-8"
     result["base"] = str(base)
-    result["before"] = scores(base)
+    result["identifier"] = args.identifier
+    result["before"] = scores(base, args.identifier)
 
     instance = args.out / "instance"
     write_instance_images(instance)
@@ -81,18 +105,26 @@ def main() -> None:
 
     class_prompt = CLASS_PROMPT if args.class_prompts == "class" else f"[{','.join(eval_prompt(d) for d in range(9))}]"
     result["class_prompt"] = class_prompt
+    if args.class_source == "real":
+        if args.class_prompts != "digits":
+            raise SystemExit("--class-source real needs --class-prompts digits (each real digit keeps its own caption)")
+        class_dir = args.out / "class_images_real"
+        write_real_class_images(class_dir)
+    else:
+        class_dir = args.out / f"class_images_{args.class_prompts}_g{args.class_guidance:g}"
+    result["class_source"], result["class_dir"] = args.class_source, str(class_dir)
     for name, prior in (("with_prior", True), ("without_prior", False)):
         if name not in args.variants:
             continue
         s = train(args.out, f"db-{name}", f"experiment={args.experiment}", f"model.pretrained={base}",
-                  f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT}",
+                  f"data.instance_dir={instance}", f"data.instance_prompt={INSTANCE_PROMPT.format(args.identifier)}",
                   f"data.class_prompt={class_prompt}", f"data.prior_preservation={str(prior).lower()}",
-                  f"data.class_dir={args.out / f'class_images_{args.class_prompts}_g2'}", "data.num_class_images=198",
+                  f"data.class_dir={class_dir}", "data.num_class_images=198",
                   f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8",
                   # digits are not mirror-symmetric (a flipped 3 is no 3): no flips; class images at the base's best
                   # guidance, so the prior loss replays what the base does well
-                  "data.random_flip=false", "data.class_generation.guidance_scale=2.0", *args.extra)
-        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}")}
+                  "data.random_flip=false", f"data.class_generation.guidance_scale={args.class_guidance}", *args.extra)
+        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}", args.identifier)}
     dump(result, args.out / "dreambooth_digits.json")
 
 

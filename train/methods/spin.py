@@ -4,6 +4,11 @@ The opponent is the previous iterate (a frozen copy refreshed every `steps_per_i
 batch, the opponent samples an image for every caption; the real image is the winner, the opponent's sample the
 loser, and the opponent is the reference of the same preference loss Diffusion-DPO uses
 (`train.diffusion.preference_loss`), so the model learns to tell its own samples from real ones.
+
+The real image's own denoising error is added with `sft_weight` of the order of beta/2, the scale of the preference
+term's gradient on the errors. Without that anchor the cheapest way to widen the margin is to denoise the model's
+own samples worse, i.e. to break its own sampling trajectory: on the digits world that collapsed the model within
+one iteration (unguided accuracy 0.60 -> 0.07 after two) at every learning rate tried.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ class SPIN(Method):
     name = "spin"
 
     def __init__(self, beta: float = 2000.0, steps_per_iteration: int = 200, sample_steps: int = 10,
-                 sample_guidance: float = 1.0, sft_weight: float = 1.0):
+                 sample_guidance: float = 1.0, sft_weight: float = 1000.0):
         if steps_per_iteration <= 0 or sample_steps <= 0:
             raise ValueError("method.steps_per_iteration and method.sample_steps must be positive")
         self.beta, self.steps_per_iteration = float(beta), int(steps_per_iteration)
