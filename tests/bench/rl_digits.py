@@ -1,11 +1,12 @@
 """Online RL on the digits world through the real CLI: DDPO (full and LoRA) with the digits judge's reward,
-reward backprop (DRaFT-K) with the same reward, and DDPO with JPEG incompressibility.
+reward backprop (AlignProp: the whole chain; DRaFT-K: the last K steps) with the same reward, and DDPO with JPEG
+incompressibility.
 
 Reports the reward curve (from the run's CSV metrics: reward per optimizer step; PNG beside the JSON), the mean reward
 (digits log-prob, JPEG KB) and unguided prompt accuracy before and after on held-out seeds, and the wall-clock
 split between sampling (rollouts) and training.
 
-    python tests/bench/rl_digits.py --base RUN_DIR --out /tmp/rl [--variants ddpo ddpo_lora reward_backprop jpeg]
+    python tests/bench/rl_digits.py --base RUN_DIR --out /tmp/rl [--variants ddpo ddpo_lora alignprop draft2 alignprop_augmented jpeg]
 """
 from __future__ import annotations
 
