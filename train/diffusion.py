@@ -87,7 +87,7 @@ class DiffusionCore:
         """VP: uniform integer timesteps. Flow: s uniform or logit-normal (SD3), shifted s' = k s / (1 + (k-1) s),
         returned as float timesteps t = s' T (what the schedulers and time embeddings use).
         `timestep_range` [lo, hi] restricts training to that part of the schedule: VP timesteps in [lo T, hi T),
-        flow noise levels s' in [lo, hi] (the density is mapped into the range, then shifted)."""
+        flow noise levels s' in [lo, hi] (the shifted density is mapped into the range)."""
         lo, hi = self.timestep_range
         if not self.flow:
             first, end = int(round(lo * self.num_timesteps)), max(int(round(hi * self.num_timesteps)), 1)

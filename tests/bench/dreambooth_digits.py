@@ -53,7 +53,8 @@ def write_real_class_images(folder: Path, per_digit: int = 22) -> None:
 def fidelity(pipe, identifier: str) -> dict:
     from train.evaluate import prompt_share
 
-    return {f"g{g:g}": round(prompt_share(pipe, INSTANCE_PROMPT.format(identifier), 9, n=100, guidance_scale=g), 3) for g in GUIDANCE}
+    prompt = INSTANCE_PROMPT.format(identifier)
+    return {f"g{g:g}": round(prompt_share(pipe, prompt, 9, n=100, guidance_scale=g), 3) for g in GUIDANCE}
 
 
 def scores(run_or_ckpt, identifier: str) -> dict:
@@ -121,10 +122,11 @@ def main() -> None:
                   f"data.class_prompt={class_prompt}", f"data.prior_preservation={str(prior).lower()}",
                   f"data.class_dir={class_dir}", "data.num_class_images=198",
                   f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "data.batch_size=8",
-                  # digits are not mirror-symmetric (a flipped 3 is no 3): no flips; class images at the base's best
-                  # guidance, so the prior loss replays what the base does well
+                  # digits are not mirror-symmetric (a flipped 3 is no 3): no flips; generated class images at the
+                  # base's best guidance (--class-guidance), so the prior loss replays what the base does well
                   "data.random_flip=false", f"data.class_generation.guidance_scale={args.class_guidance}", *args.extra)
-        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"], **scores(args.out / f"db-{name}", args.identifier)}
+        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"],
+                        **scores(args.out / f"db-{name}", args.identifier)}
     dump(result, args.out / "dreambooth_digits.json")
 
 
