@@ -53,6 +53,7 @@ def _bind_run_dir(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
+    from train.nonfinite import NonFiniteError
     from train.run import train
     from train.sweep import check_trial_launch, objective_value
     from train.tracking import close_wandb, in_multirun
@@ -69,6 +70,11 @@ def _main(cfg: DictConfig) -> float | None:
         if multirun:
             raise  # the sweeper records this trial as failed and goes on with the next
         sys.exit(2)
+    except NonFiniteError as e:  # diverged: the message says what to change; the last good checkpoint is kept
+        log.error("foundry-train: %s", e)
+        if multirun:
+            raise
+        sys.exit(3)
     finally:
         close_wandb(ok)
     if summary.get("dry_run"):

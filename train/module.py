@@ -24,13 +24,13 @@ from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
-from train.strategies import full_parameters
+from train.nonfinite import NonFiniteError, StepGuard, gradients_finite, skip_loss
+from train.strategies import accumulation_boundary, full_parameters, is_deepspeed, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-    """Raised after too many consecutive non-finite steps; the last good checkpoint is left untouched."""
+__all__ = ["DiffusionModule", "NonFiniteError", "Reference"]
 
 
 @dataclass
@@ -65,8 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.seed = seed
         self._generator: torch.Generator | None = None
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        self.guard = StepGuard(max_nonfinite_steps, on_skip=self._log_skip)  # train/nonfinite.py
         self.skipped: Counter[str] = Counter()
         self.source_counts: Counter[str] = Counter()  # samples per dataset of a mixture
         self.run_config: dict[str, Any] | None = None  # the resolved run config, saved in every checkpoint
@@ -273,9 +272,9 @@ class DiffusionModule(L.LightningModule):
             out = self.method.loss(batch, self)
         loss = out["loss"].mean()
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            self._nonfinite("loss")
-            return None  # Lightning skips backward and the optimizer step: weights stay good
+        if not finite:  # on any rank: every rank backpropagates a zero loss and drops the optimizer step
+            self.guard.reject("loss")
+            return skip_loss(out["loss"])
         bs = out["loss"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for key, value in out.items():
@@ -293,11 +292,17 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._schedule_free(train=True)  # forward/backward on schedule-free's training sequence (every micro-batch)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        boundary = accumulation_boundary(self.trainer.strategy)  # DeepSpeed steps only on its own boundary
+        if optimizer_closure is not None:
+            optimizer_closure = self.guard.wrap_closure(optimizer, optimizer_closure)
         self._schedule_free(train=True)  # its step (which runs the closure) must start in training mode
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self._schedule_free(train=False)  # after each step the parameters hold the averaged weights: EMA, sample
         # grids, evaluation and checkpoints read those (a no-op for other optimizers)
+        if boundary:
+            rejected = step_rejected_by_strategy(self.trainer.strategy) and not self._fp16()
+            self.guard.finish(self.global_step, rejected_by_strategy=rejected)
 
     def on_train_start(self) -> None:
         self._last_method_step = self.global_step
@@ -307,33 +312,29 @@ class DiffusionModule(L.LightningModule):
             self._last_method_step = self.global_step
             self.method.on_step_end(self)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Drop a step whose gradients are not finite (the loss was); fp16 leaves this to its loss scaler."""
-        if "16-mixed" == str(self.trainer.precision):
-            return
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if not grads:  # the step's loss was already rejected: nothing to check, and no reset of the streak
-            return
-        local_ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))  # one reduction, not one per tensor
-        if self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
-            self.nonfinite_streak = 0
-            return
-        for p in self.trainable_parameters():
-            p.grad = None  # AdamW skips parameters without gradients: this step changes nothing
-        self._nonfinite("gradient")
+    def _fp16(self) -> bool:
+        return str(self.trainer.precision).startswith("16")
 
-    def _nonfinite(self, what: str) -> None:
-        self.nonfinite_streak += 1
-        self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
-        log.warning("non-finite %s at step %d: step skipped (%d in a row, %d in total)", what, self.global_step,
-                    self.nonfinite_streak, self.nonfinite_total)
-        if self.nonfinite_streak >= self.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"training stopped: {self.nonfinite_streak} consecutive non-finite steps (last: {what}) at step "
-                f"{self.global_step}"
-                f" (limit module.max_nonfinite_steps={self.max_nonfinite_steps}); the last good checkpoint is kept."
-                " Lower the learning rate or use bf16/fp32 precision.")
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Reject a step whose gradients are not finite on any rank (the loss was). fp16 leaves this to its loss
+        scaler; DeepSpeed keeps gradients in its partitions and checks their global norm itself."""
+        if self._fp16() or is_deepspeed(self.trainer.strategy) or self.guard.reason is not None:
+            return
+        local = gradients_finite(self.trainable_parameters())
+        if not self.trainer.strategy.reduce_boolean_decision(local is not False, all=True):
+            self.guard.reject("gradient")
+            self.guard.drop_if_rejected(optimizer)
+
+    def _log_skip(self, reason: str, total: int) -> None:
+        self.log("train/nonfinite_steps", float(total))
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.guard.total
+
+    @property
+    def nonfinite_streak(self) -> int:
+        return self.guard.streak
 
     def _account_sources(self, sources: list[str]) -> None:
         """Samples seen per dataset of a mixture (`data/samples/<name>`, all ranks; restored on resume)."""
@@ -367,6 +368,7 @@ class DiffusionModule(L.LightningModule):
             opt_cfg["warmup_steps"], sched_cfg["warmup_steps"] = sched_cfg.get("warmup_steps", 0), 0
         optimizer = build_optimizer(opt_cfg, params, modules=(self.unet, self.text_encoder),
                                     cpu_offload=offloads_optimizer(self._trainer))
+        self.guard.install(optimizer)  # drops a rejected step inside the optimizer, under every strategy
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
         scheduler = get_scheduler(sched_cfg.pop("name", "constant"), optimizer,
                                   num_warmup_steps=sched_cfg.pop("warmup_steps", 0), num_training_steps=total)
@@ -395,7 +397,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts), "nonfinite_total": self.nonfinite_total,
+        checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts), "nonfinite_total": self.guard.total,
                                  "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
                                  "method": self.method.state_dict(self)}
 
@@ -403,7 +405,7 @@ class DiffusionModule(L.LightningModule):
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.source_counts = Counter(state.get("source_counts", {}))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
         self.method.load_state_dict(state.get("method") or {}, self)
         if "state_dict" in checkpoint:  # DeepSpeed restores the weights from its own shards, not from this dict
             check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))

@@ -46,6 +46,20 @@ def shards_parameters(strategy: Any) -> bool:
     return is_zero3(strategy) or is_fsdp(strategy)
 
 
+def accumulation_boundary(strategy: Any) -> bool:
+    """True when this micro-batch's optimizer step is applied. Lightning calls the step every micro-batch under
+    DeepSpeed, which counts micro-steps itself and steps only at its gradient-accumulation boundary."""
+    if is_deepspeed(strategy):
+        return bool(strategy.deepspeed_engine.is_gradient_accumulation_boundary())
+    return True
+
+
+def step_rejected_by_strategy(strategy: Any) -> bool:
+    """True when the strategy itself dropped the last optimizer step: DeepSpeed does when the global (all-reduced)
+    gradient norm is not finite (fp32 always; bf16 with `check_grad_overflow`, which `DeepSpeed` below sets)."""
+    return is_deepspeed(strategy) and not strategy.deepspeed_engine.was_step_applied()
+
+
 @contextlib.contextmanager
 def full_parameters(module: Any, params: list[torch.nn.Parameter] | None = None,
                     writeback: bool = False) -> Iterator[None]:

@@ -67,6 +67,15 @@ def test_consecutive_nonfinite_steps_stop_with_clear_message(tiny_cfg):
         trainer.fit(module, train_dataloaders=batches(module, 4))
 
 
+def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(tiny_cfg):
+    module, _, before = fit(tiny_cfg, Scripted(bad_calls={1}), steps=1)
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=batches(module, 2))
+    assert trainer.global_step == 1 and module.nonfinite_total == 1, "one optimizer step, counted once"
+    assert all(torch.equal(a, b) for a, b in zip(before, module.trainable_parameters()))
+
+
 def test_nonfinite_gradient_with_finite_loss_is_dropped(tiny_cfg):
     module, trainer, before = fit(tiny_cfg, Scripted(bad_calls=()), steps=1)
     hook = module.unet.conv_in.weight.register_hook(lambda g: g * float("nan"))

@@ -167,6 +167,7 @@ def test_nan_rewards_are_dropped_and_all_nan_skips_the_step(tiny_cfg, method):
         module.method.units = []
     out = module.method.loss(batch, module)
     assert torch.isnan(out["loss"]).all()  # the loop's non-finite guard skips this step, weights untouched
+    assert out["loss"].grad_fn is not None  # ...through the policy's graph, so every rank can still run backward
 
 
 def test_every_ddpo_unit_has_a_policy_gradient_including_the_last_transition(tiny_cfg):

@@ -107,10 +107,10 @@ class DDPO(Method):
         if not self.units:
             self.rollout(batch, module)
         b, (idx, j) = self.buffer, self.units.pop(0)
-        if not bool(b["ok"].any()):
+        skip = not bool(b["ok"].any())
+        if skip:
             log.warning("ddpo: every reward of the rollout was NaN/Inf; this step is skipped")
             self.units = []
-            return {"loss": torch.full((len(idx),), float("nan"), device=module.device)}
         cond, uncond = self._conds(module, b["ids"][idx], module.encode_text)
         t = int(b["timesteps"][j])
         x_t, x_prev = b["states"][idx, j], b["states"][idx, j + 1]
@@ -118,6 +118,8 @@ class DDPO(Method):
         step = ddim_step(self._sched(module), pred, t, x_t, eta=self.eta, prev_sample=x_prev)
         out = ppo_loss(step.log_prob, b["log_probs"][idx, j], b["adv"][idx], self.clip_range)
         out["loss"] = out["loss"] * b["ok"][idx]
+        if skip:  # NaN through the policy's graph: the module skips the optimizer step on every rank
+            out["loss"] = out["loss"] + float("nan")
         if b["reward_mean"] is not None:
             out["reward_mean"], out["reward_std"] = b["reward_mean"], b["reward_std"]
         out["reward_nonfinite"] = torch.tensor(float(b["nonfinite"]))

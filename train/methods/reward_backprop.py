@@ -61,7 +61,7 @@ class RewardBackprop(Method):
             log.warning("reward_backprop: %d of %d rewards were NaN/Inf; those samples are dropped", bad, len(prompts))
         if not bool(ok.any()):
             log.warning("reward_backprop: every reward was NaN/Inf; this step is skipped")
-            return {"loss": torch.full_like(rewards, float("nan"))}
+            return {"loss": -rewards}  # NaN through the sampling graph: the module skips the step on every rank
         loss = torch.where(ok, -rewards, torch.zeros_like(rewards)) * (len(rewards) / int(ok.sum()))
         out = {"reward_mean": rewards[ok].detach().mean(), "reward_nonfinite": torch.tensor(float(bad))}
         if self.pretrain_weight > 0:
