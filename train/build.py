@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,9 @@ from models.components import Components, apply_speed_switches, build_components
 from train.checkpoint import AtomicCheckpointIO, is_training_checkpoint, load_components
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule
+from train.redaction import scrub
 
 log = logging.getLogger(__name__)
-
-SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
-
-
-def scrub(obj: Any) -> Any:
-    """Drop values under secret-looking keys, so configs saved or logged never carry credentials."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET.search(str(k)) else scrub(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub(v) for v in obj]
-    return obj
-
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return scrub(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))

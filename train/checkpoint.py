@@ -44,6 +44,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+# The only non-tensor objects DeepSpeed (0.14-0.19) pickles into its shard files: bookkeeping of the loss scaler, the
+# ZeRO stage and where each parameter's fragment lies. Nothing else is unpickled from a shard.
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def check_shard_files(folder: str | Path) -> None:
+    """Refuse a sharded checkpoint whose files carry pickled objects beyond tensors, containers and DeepSpeed's own
+    bookkeeping classes: such a file could run code when loaded. The scan reads only each pickle's opcodes
+    (`torch.serialization.get_unsafe_globals_in_checkpoint`, which also rejects the opcodes that import by other
+    means); it runs nothing. DeepSpeed's readers (resume, `zero_to_fp32`) load the files only after this check."""
+    for f in sorted(Path(folder).rglob("*.pt")):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # not a zip/pickle torch can scan: refuse rather than hand it to a full unpickler
+            raise ValueError(f"checkpoint shard '{f}' cannot be checked ({type(e).__name__}: {e}); only load "
+                             "sharded checkpoints written by foundry-train") from None
+        extra = sorted(set(unsafe) - set(DEEPSPEED_GLOBALS))
+        if extra:
+            raise ValueError(f"checkpoint shard '{f}' carries pickled object(s) {', '.join(extra)}: refusing to load "
+                             "it (it could run code). Load sharded checkpoints only from your own runs; exported "
+                             "safetensors folders and LoRA files are safe from any source")
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A DeepSpeed checkpoint folder (one shard per rank) as foundry-train writes it under ZeRO."""
     p = Path(path).expanduser()
@@ -73,30 +97,39 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
         for candidate in (last, last.with_name("last.ckpt.old")):
             if is_checkpoint(candidate):
-                return str(candidate)
+                return _checked(str(candidate))
         log.info("no checkpoint at %s: starting fresh", last)
         return None
     if not is_checkpoint(ckpt_path):
         raise FileNotFoundError(f"ckpt_path: no checkpoint at '{ckpt_path}'; give a .ckpt file (or a sharded "
                                 "checkpoint folder), 'last' or null")
-    return ckpt_path
+    return _checked(ckpt_path)
+
+
+def _checked(path: str) -> str:
+    """A file checkpoint loads with `weights_only=True` (AtomicCheckpointIO); DeepSpeed resumes a sharded one with
+    its own unrestricted loader, so its files are scanned first."""
+    if is_sharded_checkpoint(path):
+        check_shard_files(path)
+    return path
 
 
 def consolidate(path: str | Path) -> dict[str, Any]:
     """A sharded DeepSpeed checkpoint (ZeRO-2 or 3) -> one checkpoint dict with the whole fp32 trained weights.
 
     The trained tensors are gathered from every rank's shard by DeepSpeed's own converter; frozen ones were never
-    saved (they come from the rebuilt base). DeepSpeed's shard files are pickles that only DeepSpeed can read, so
-    only consolidate folders your own runs wrote; the result is plain tensors and loads with `weights_only=True`.
+    saved (they come from the rebuilt base). DeepSpeed's converter unpickles the shard files without restriction,
+    so they are scanned first (`check_shard_files`); the result is plain tensors and loads with `weights_only=True`.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
     from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
 
     p = Path(path)
+    check_shard_files(p)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(p), exclude_frozen_parameters=True)
     meta = json.loads((p / "foundry.json").read_text()) if (p / "foundry.json").is_file() else {}
     model_file = get_model_state_file(ds_checkpoint_dir(str(p)), meta.get("zero_stage", 2))
-    client = torch.load(model_file, map_location="cpu", weights_only=False)  # DeepSpeed's own format (see above)
+    client = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and containers only
     engine_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
                    "dp_world_size", "mp_world_size", "ds_config", "ds_version", "buffer_names", "param_shapes",
                    "frozen_param_shapes", "shared_params", "frozen_param_fragments", "data_sampler",

@@ -5,7 +5,7 @@ per experiment or sweep, and records the git commit and uncommitted diff that pr
 checkpoints, LoRA files and exported pipelines become W&B artifacts (large files by reference) and the W&B
 run is closed, so the next trial of a sweep in the same process starts its own run.
 
-Nothing here may write a credential: values under secret-looking keys are scrubbed (`train.build.scrub`)
+Nothing here may write a credential: values under secret-looking keys are scrubbed (`train.redaction.scrub`)
 and the values of secret-looking environment variables (WANDB_API_KEY, HF_TOKEN, ...) are redacted from
 every text written (diffs, configs, reports).
 """
@@ -28,49 +28,19 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from train.redaction import (REDACTED, is_secret_name, redact, redact_text, scrub_overrides,  # noqa: F401
+                             secret_env_values)
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)  # same rule as train.build.SECRET
-REDACTED = "<redacted>"
 # Overrides that say where or how a run is logged, not what it trains: left out of trial names.
 NAME_EXCLUDED = ("sweep", "experiment", "run_name", "paths.", "logger", "hydra.", "hydra/", "trainer.enable_progress_bar")
 NAME_LIMIT = 96
 SWEPT_KEYS_FILE = "swept_keys.json"  # in a sweep's folder: the keys its trials differ in, for their names
 
 
-# ----- secrets -----
-def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names look secret; short values are too common to redact."""
-    env = os.environ if environ is None else environ
-    return sorted({v for k, v in env.items() if SECRET_KEY.search(k) and len(v) >= 8}, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every secret-looking environment variable replaced."""
-    for value in secret_env_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def scrub_overrides(overrides: Iterable[str]) -> list[str]:
-    """`key=value` overrides with the value dropped where the key looks secret."""
-    out = []
-    for o in overrides:
-        key, sep, _ = str(o).partition("=")
-        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) else redact(str(o)))
-    return out
-
-
-SECRET_ASSIGNMENT = re.compile(r"([\w.+~/-]*(?:api[_-]?key|token|secret|password)(?:[_.-][\w.-]*)?\s*[=:]\s*)"
-                               r"(\"[^\"]*\"|'[^']*'|[^\s,;'\"\]}]+)", re.IGNORECASE)
-
-
-def redact_text(text: str) -> str:
-    """Free text (a log line, a command line): secret env values and `secret_key=value` values redacted."""
-    return SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, redact(text))
-
-
+# ----- secrets (the rule lives in train/redaction.py) -----
 class RedactSecrets(logging.Filter):
     """Logging filter on Hydra's handlers (conf/train.yaml): no log line, on screen or in <run>/*.log,
     carries a credential, whoever logs it (Hydra prints every trial's overrides)."""
@@ -96,7 +66,7 @@ def scrubbed_argv() -> Iterator[None]:
 
 def _scrub_tree(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) else _scrub_tree(v)) for k, v in obj.items()}
+        return {k: (REDACTED if is_secret_name(k) else _scrub_tree(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         items = [_scrub_tree(v) for v in obj]
         return scrub_overrides(items) if items and all(isinstance(v, str) for v in items) else items

@@ -182,8 +182,33 @@ def test_a_wandb_agent_run_is_named_after_its_sweep_and_run_id(monkeypatch):
     assert tracking.run_name_from_context({}) is None  # a plain run: the launcher's name or a timestamp
 
 
-def test_one_rule_for_secret_looking_keys():
-    """tracking keeps its own copy so Hydra's start-up does not import torch via train.build: keep them equal."""
-    from train.build import SECRET
+@pytest.mark.parametrize("name", ["WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                  "GOOGLE_APPLICATION_CREDENTIALS", "STRIPE_KEY", "logger.api_key", "+db.password",
+                                  "ssh_private_key", "encryption-key", "service.key", "SENTRY_KEY_ID", "aws_credentials"])
+def test_secret_names_are_recognised(name):
+    from train.redaction import is_secret_name
 
-    assert tracking.SECRET_KEY.pattern == SECRET.pattern and tracking.SECRET_KEY.flags == SECRET.flags
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["data.caption_key", "image_keys", "model.preset", "keyframes", "monkey", "tokenizer_dir", "max_tokens"])
+def test_ordinary_settings_are_not_secret(name):
+    from train.redaction import is_secret_name
+
+    assert not is_secret_name(name)
+
+
+def test_one_rule_redacts_configs_overrides_env_and_free_text(monkeypatch):
+    """Configs (build), overrides, environment values and free text (tracking) all go through train/redaction.py."""
+    from train.build import resolved_config  # noqa: F401 - build scrubs with the same function
+    from train import build, redaction
+
+    assert build.scrub is redaction.scrub and tracking.redact_text is redaction.redact_text
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAABCDEFGHIJKLMNOP")
+    assert redaction.scrub({"a": {"aws_secret_access_key": "x", "lr": 1}}) == {"a": {"aws_secret_access_key":
+                                                                                       "<redacted>", "lr": 1}}
+    assert tracking.scrub_overrides(["+storage.key=abc", "data.caption_key=json"]) == [
+        "+storage.key=<redacted>", "data.caption_key=json"]
+    line = "launch AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP client_credentials: 'x y' at http://host:80"
+    assert tracking.redact_text(line) == ("launch AWS_ACCESS_KEY_ID=<redacted> client_credentials: <redacted> at "
+                                          "http://host:80")
