@@ -1,18 +1,27 @@
 # The README's two quick-start commands: `make demo` and `make test`. Both install first (once).
+#
+# torch goes first, on its own: a range would pull a multi-GB CUDA build on CPU machines (shared NOTES), and the
+# exact pins of constraints/pins.txt leave torch out, so they hold on a CPU box and on a CUDA box alike.
+#   make install                          torch==2.13.0 (the build pip picks: CPU where a CPU wheel is offered,
+#                                         e.g. through PIP_FIND_LINKS or PIP_INDEX_URL; PyPI's Linux wheel is CUDA)
+#   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"   a chosen CUDA build
+#   make install TORCH= VENV_FLAGS=--system-site-packages    keep the torch already installed (NGC or a cluster image)
 PYTHON ?= python3
 VENV ?= .venv
+VENV_FLAGS ?=
 TORCH ?= torch==2.13.0
+PINS ?= constraints/pins.txt
 PY := $(VENV)/bin/python
 
 .PHONY: install demo test test-all bench
 install: $(VENV)/.installed
 
-# torch goes first and pinned: a range would pull a multi-GB CUDA build on CPU machines (shared NOTES).
-$(VENV)/.installed: pyproject.toml constraints/cpu.txt
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml $(PINS)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
+	$(if $(strip $(TORCH)),$(PY) -m pip install -q $(TORCH))
+	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	$(PY) -m pip install -q -c $(PINS) -e ".[dev]"
 	touch $@
 
 demo: install

@@ -224,3 +224,22 @@ def test_reward_backprop_defaults_to_the_whole_chain_and_refuses_a_k_beyond_it(t
                                  "method.grad_last=1")).method.grad_last == 1
     with pytest.raises(Exception, match="method.grad_last=4: expected 1..sample_steps"):  # hydra wraps it
         build_module(tiny_cfg("experiment=reward_backprop", "method.sample_steps=3", "method.grad_last=4"))
+
+
+def test_ddpo_rollout_count_matches_steps_per_rollout(tiny_cfg):
+    """What the README's DDPO row reports: optimizer steps / steps_per_rollout rollouts (here 8 trajectories in
+    minibatches of 4, each trained on 2 timesteps accumulated into one step: 2 steps per rollout)."""
+    import lightning as L
+
+    from train.build import build_module
+
+    module = build_module(tiny_cfg("experiment=ddpo", "method.sample_steps=4", "method.timestep_fraction=0.5",
+                                   "method.samples_per_prompt=2", "method.minibatch=4"))
+    captions = [f"a handwritten digit {w}" for w in ("one", "two", "three", "four")]
+    ids = module.components.tokenizer(captions, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    data = [{"input_ids": ids, "captions": captions}] * 8
+    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert module.method.steps_per_rollout(len(captions)) == 2
+    assert trainer.global_step == 4 and module.method.rollouts == 4 // 2

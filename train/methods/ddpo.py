@@ -50,6 +50,7 @@ class DDPO(Method):
         self.units: list[tuple[torch.Tensor, int]] = []
         self.buffer: dict[str, Any] = {}
         self.seconds = {"rollout": 0.0}
+        self.rollouts = 0
         self._started = time.perf_counter()
         self.last_rollout: dict[str, Any] = {}  # prompts, images, rewards of the newest rollout (for tables)
 
@@ -61,6 +62,12 @@ class DDPO(Method):
         cond = encode(ids)
         uncond = encode(module.empty_prompt_ids(ids.shape[0])) if self.guidance > 1 else None
         return cond, uncond
+
+    def steps_per_rollout(self, prompts: int) -> int:
+        """Optimizer steps one rollout of `prompts` prompts feeds: its trajectories split into minibatches, each
+        trained on `train_timesteps` timesteps accumulated into one step, for `inner_epochs` passes."""
+        minibatches = -(-prompts * self.samples_per_prompt // self.minibatch)
+        return self.inner_epochs * minibatches
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any], module) -> None:
@@ -96,6 +103,7 @@ class DDPO(Method):
                 steps = torch.randperm(self.sample_steps, generator=module.noise_generator)[:self.train_timesteps]
                 order += [(idx, int(j)) for j in steps]
         self.units = order
+        self.rollouts += 1
         self.seconds["rollout"] += time.perf_counter() - t0
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
@@ -123,6 +131,7 @@ class DDPO(Method):
         if b["reward_mean"] is not None:
             out["reward_mean"], out["reward_std"] = b["reward_mean"], b["reward_std"]
         out["reward_nonfinite"] = torch.tensor(float(b["nonfinite"]))
+        out["rollouts"] = torch.tensor(float(self.rollouts))
         out["rollout_seconds"] = torch.tensor(self.seconds["rollout"])  # phase wall-clock: sampling vs the rest
         out["train_seconds"] = torch.tensor(time.perf_counter() - self._started - self.seconds["rollout"])
         return out
