@@ -34,4 +34,4 @@ test-all: install
 	$(PY) -m pytest -m "not gpu"
 
 bench: install
-	$(PY) tests/bench/bench_loop.py
+	$(PY) benchmarks/bench_loop.py

@@ -10,6 +10,7 @@ import torch
 from callbacks.ema import inference_weights, samples_here
 from callbacks.sample_images import run_dir
 from models.export import make_pipeline
+from train.digits_eval import evaluate_digits
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ class DigitsEval(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, module) -> dict[str, float]:
-        from train.evaluate import evaluate_digits
 
         self._last = trainer.global_step
         if not samples_here(trainer):

@@ -11,7 +11,7 @@ from PIL import Image
 from callbacks.ema import inference_weights, samples_here
 from models.export import make_pipeline
 from models.pipeline import to_uint8_grid
-from train.tracking import log_samples_table
+from callbacks.wandb_log import log_samples_table
 
 log = logging.getLogger(__name__)
 

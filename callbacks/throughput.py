@@ -7,14 +7,15 @@ attention included) times samples/s, and `perf/mfu`, that over the devices' dens
 trained backbone's one forward and backward only, so it is a lower bound there."""
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
 
-import logging
-
 import lightning as L
 import torch
+
+from models.flops import peak_tflops, train_flops_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ class Throughput(L.Callback):
         self._samples = 0
 
     def on_fit_start(self, trainer, module) -> None:
-        from models.flops import peak_tflops, train_flops_per_sample
 
         self.peak = peak_tflops(module.device, self.peak_override)
         devices = [module.device] if module.device.type == "cuda" else []

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from data.transforms import BadSample
+from models.tokens import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,6 @@ MAX_CONSECUTIVE_SKIPS = 1000
 def empty_skips() -> dict[str, int]:
     """A zeroed skip counter with every reason present, so sums never miss a key."""
     return {reason: 0 for reason in SKIP_REASONS}
-
-
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids exactly as the text encoder was trained to see them: padded to max length."""
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return ids.to(torch.int64)
 
 
 def collate(

@@ -13,15 +13,17 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from data.buckets import BucketSpec
 from data.digits import ensure_digits_shards
-from data.webdataset import ShardStream, StreamLoader, build_stream, expand_urls
+from data.latent_cache import check_cache, expected_shapes, manifest_path, read_manifest
+from data.shards import count_samples
+from data.webdataset import MixSource, ShardStream, StreamLoader, build_stream, expand_urls
 
 log = logging.getLogger(__name__)
 
 
 class ShardDataModule(L.LightningDataModule):
     """Streams WebDataset shards; with ``urls=None`` it trains on the built-in digits world."""
-
     def __init__(
         self,
         urls: str | list[str] | None = None,
@@ -54,7 +56,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_urls = _plain(val_urls)
         self.resolution = int(resolution)
         self.batch_size = int(batch_size)
-        self.global_batch_size = global_batch_size  # informational: train/launch.py derived batch_size from it
+        self.global_batch_size = global_batch_size  # informational: train/ops/launch.py derived batch_size from it
         self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
         self.resampled = bool(resampled)
@@ -80,7 +82,6 @@ class ShardDataModule(L.LightningDataModule):
         buckets = dict(buckets or {})
         self.buckets = None
         if buckets.pop("enabled", False):
-            from data.buckets import BucketSpec
 
             self.buckets = BucketSpec(resolution=self.resolution, **buckets)
         self.tokenizer: Any = None
@@ -129,15 +130,12 @@ class ShardDataModule(L.LightningDataModule):
 
     @staticmethod
     def _manifest(urls: list[str]) -> dict[str, Any] | None:
-        from data.latent_cache import manifest_path, read_manifest
 
         path = manifest_path(urls)
         return read_manifest(path) if path is not None else None
 
     def check_model(self, components: Any, text_trains: bool = False) -> None:
         """Before training: cached-latent shards must come from this run's VAE and text encoder (one-line error)."""
-        from data.latent_cache import check_cache
-
         if self.train_urls is None:
             self.setup("fit")
         if self.cache_manifest is None:
@@ -151,7 +149,6 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def cache_expect(self) -> dict[str, Any] | None:
-        from data.latent_cache import expected_shapes
 
         manifest = getattr(self, "cache_manifest", None)
         return expected_shapes(manifest) if manifest else None
@@ -264,9 +261,6 @@ def build_mixture(entries: list[dict[str, Any]]) -> list[Any]:
     """`data.mixture` entries -> MixSource list. Each entry: `urls` and either `weight` (a share of samples) or
     `repeats` (kohya style: each image `repeats` times per pass, so the share is repeats x dataset size); optional
     `name`, `caption_template` ("{caption}" is the sample's caption) and `caption_dropout`."""
-    from data.shards import count_samples
-    from data.webdataset import MixSource
-
     known = {"name", "urls", "weight", "repeats", "caption_template", "caption_dropout"}
     sources, names = [], set()
     for i, entry in enumerate(entries):

@@ -21,14 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DIGIT_WORDS: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from models.digits_vocab import CAPTION_TEMPLATES, DIGIT_WORDS  # noqa: F401 - the digits world's words
 
-CAPTION_TEMPLATES: list[str] = [
-    "a handwritten digit {word}",
-    "a drawing of the number {word}",
-    "the digit {word}, handwritten",
-    "a scanned image of a handwritten {word}",
-]
 
 NUM_DIGITS = 1797  # len(sklearn.datasets.load_digits().target)
 SHARD_PATTERN = "digits-%06d.tar"

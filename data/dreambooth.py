@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 from data.datamodule import ShardDataModule
 from data.shards import IMAGE_EXTS, write_folder_shards
 from data.webdataset import ShardStream, derive_seed
+from models.export import make_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ def generate_class_images(components, prompts: str | list[str], count: int, out:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     from tqdm.auto import tqdm
 
-    from models.export import make_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +96,6 @@ def concat_batches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, A
 
 class PairedStream(IterableDataset):
     """Two equal-length streams in lockstep; resume and epochs apply to both, so the mix resumes exactly."""
-
     def __init__(self, first: ShardStream, second: ShardStream) -> None:
         super().__init__()
         self.first, self.second = first, second
@@ -123,7 +122,6 @@ class PairedStream(IterableDataset):
 
 class DreamBoothDataModule(ShardDataModule):
     """Instance images (+ class images with prior preservation) as shards, streamed like any other run."""
-
     def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | list[str] | None = None,
                  class_dir: str | None = None, num_class_images: int = 100, prior_preservation: bool = True,
                  identifier: str | None = None, shard_dir: str = "dreambooth-data",

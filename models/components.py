@@ -14,7 +14,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
-from models.tiny import build_preset
+from models.backbones import FoundryMMDiT, FoundryPixArt, is_transformer
+from models.sdxl import DualCLIPTextEncoder, FoundrySDXLUNet, is_sdxl_unet_config
+from models.tiny import build_preset, build_preset_vae
+from models.tokens import tokenize  # noqa: F401 - re-exported: models' callers tokenize prompts here
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,6 @@ class Components:
     def save_pretrained(self, out: str | Path) -> None:
         """Write the diffusers folder layout (subfolders as `from_pretrained` expects, safetensors)."""
         out = Path(out)
-        from models.sdxl import DualCLIPTextEncoder
 
         self.unet.save_pretrained(out / "unet", safe_serialization=True)
         if isinstance(self.text_encoder, DualCLIPTextEncoder):
@@ -86,8 +88,6 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DCondi
 
     The new projection starts at zero, so the student starts as exactly its teacher; called without
     `timestep_cond`, the UNet is the teacher unchanged."""
-    from models.backbones import is_transformer
-
     if is_transformer(unet):
         raise ValueError(f"model.guidance_embedding={dim}: transformer presets take no guidance-weight input; use a "
                          "UNet model for LCM / guidance distillation")
@@ -153,8 +153,6 @@ def load_backbone(folder: Path):
     exports' `unet/` holding one), the latter wrapped to take the UNet's call signature."""
     import json
 
-    from models.backbones import FoundryMMDiT, FoundryPixArt
-    from models.sdxl import FoundrySDXLUNet, is_sdxl_unet_config
 
     sub = "unet" if (folder / "unet").is_dir() else "transformer"
     config = folder / sub / "config.json"
@@ -181,8 +179,6 @@ def load_backbone(folder: Path):
 
 def load_text_encoder(folder: Path):
     """(text encoder, tokenizer, second tokenizer): one CLIP encoder, or SDXL's two behind one module."""
-    from models.sdxl import DualCLIPTextEncoder
-
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     if not (folder / "text_encoder_2").is_dir():
@@ -224,7 +220,6 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     elif pretrained:
         comps = load_pretrained(pretrained, prediction_type, flow_shift)
     else:
-        from models.tiny import build_preset_vae
 
         unet, text_encoder, tokenizer = build_preset(preset, resolution or 16, seed=seed)
         comps = Components(unet, text_encoder, tokenizer,
@@ -274,8 +269,3 @@ def vae_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor,
 def encode_prompts(comps: Components, input_ids: torch.Tensor) -> torch.Tensor:
     """Text-encoder hidden states for token ids (the UNet's cross-attention context)."""
     return comps.text_encoder(input_ids.to(comps.text_encoder.device))[0]
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids

@@ -17,10 +17,11 @@ from typing import Iterator
 
 import torch
 
+from models.backbones import is_dit
+
 
 class PatchMasking:
     def __init__(self, model: torch.nn.Module, ratio: float, mixer_layers: int = 1, unmasked_from: float = 0.8):
-        from models.backbones import is_dit
 
         if not is_dit(model):
             raise ValueError(f"masking.ratio={ratio}: patch masking needs a DiT/PixArt transformer backbone "

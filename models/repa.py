@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from models.backbones import is_dit
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -40,11 +42,9 @@ def load_encoder(path: str) -> torch.nn.Module:
 
 class RepresentationAlignment(torch.nn.Module):
     """The trainable projector; the frozen encoder and the hook on the denoiser are held beside it."""
-
     def __init__(self, denoiser: torch.nn.Module, encoder: torch.nn.Module, layer: int = 1, weight: float = 0.5,
                  projector_dim: int = 256):
         super().__init__()
-        from models.backbones import is_dit
 
         if not is_dit(denoiser):
             raise ValueError(f"repa.encoder: REPA aligns a DiT/PixArt transformer's patch tokens; a "

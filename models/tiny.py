@@ -13,13 +13,15 @@ from diffusers import UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from models.backbones import TRANSFORMER_PRESETS, build_transformer
+from models.digits_vocab import CAPTION_TEMPLATES, DIGIT_WORDS
+
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
 
 
 @dataclass(frozen=True)
 class Preset:
     """Sizes of one preset; `resolution` is the pixel (or latent) side the UNet is built for."""
-
     block_out_channels: tuple[int, ...]
     down_block_types: tuple[str, ...]
     up_block_types: tuple[str, ...]
@@ -55,8 +57,6 @@ PRESETS: dict[str, Preset] = {
 
 def default_caption_corpus() -> list[str]:
     """The captions the tokenizer is trained on: the digits world's, plus common caption words."""
-    from data.digits import CAPTION_TEMPLATES, DIGIT_WORDS
-
     corpus = [t.format(word=w) for t in CAPTION_TEMPLATES for w in DIGIT_WORDS]
     corpus += ["a photo of a dog", "a photo of sks dog", "a painting of a cat", "a picture of a person",
                "a sks digit", "an image of the number", "0 1 2 3 4 5 6 7 8 9"]
@@ -100,8 +100,6 @@ def build_preset(name: str, resolution: int, in_channels: int = 3, seed: int = 0
                  corpus: list[str] | None = None):
     """(backbone, text_encoder, tokenizer) for a named preset (a UNet, or a DiT for the `dit_*` presets),
     deterministic for a given seed."""
-    from models.backbones import TRANSFORMER_PRESETS, build_transformer
-
     if name not in PRESETS and name not in TRANSFORMER_PRESETS:
         raise ValueError(f"model.preset: unknown preset '{name}'; choose one of "
                          f"{sorted(PRESETS) + sorted(TRANSFORMER_PRESETS)} or set model.pretrained=/path/to/folder")

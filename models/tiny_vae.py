@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from models.components import build_components
+from models.digits_judge import DigitJudge, prompt_accuracy, real_digit_images
+
 
 def train_digits_vae(vae, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, kl_weight: float = 1e-5,
                      seed: int = 0, resolution: int = 16) -> dict:
     """Train `vae` in place on the 1,797 real digits; returns reconstruction error, judge accuracy on the
     reconstructions and the scaling factor it set."""
-    from models.digits_judge import DigitJudge, prompt_accuracy, real_digit_images
-
     images, labels = real_digit_images(resolution)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -55,8 +56,6 @@ def train_digits_vae(vae, steps: int = 1500, batch_size: int = 128, lr: float = 
 def build_latent_digits_model(out: str | Path, steps: int = 1500, seed: int = 0) -> dict:
     """The tiny_latent preset (random UNet and text encoder, like every preset) with its VAE trained on the digits,
     saved as a diffusers folder."""
-    from models.components import build_components
-
     comps = build_components(preset="tiny_latent", resolution=16, seed=seed)
     result = train_digits_vae(comps.vae, steps=steps, seed=seed)
     out = Path(out).expanduser()

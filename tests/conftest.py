@@ -43,7 +43,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from train.main import register_resolvers
+    from train.ops.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -52,7 +52,7 @@ def compose(overrides: list[str] | None = None):
 
 def cli(*args: str) -> list[str]:
     """The installed console script, run with this interpreter (works without the venv on PATH)."""
-    return [sys.executable, "-m", "train.main", *args]
+    return [sys.executable, "-m", "train.ops.main", *args]
 
 
 @pytest.fixture

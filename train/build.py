@@ -1,23 +1,24 @@
-"""The one place that turns a composed config into objects. `_target_` only at component roots."""
+"""The one place that turns a composed config into the trained module, and a checkpoint back into it.
+
+`_target_` only at component roots. Building and restoring live together because they recurse into each other by
+design: `model.pretrained=<run dir>` builds on a module restored from that run, which is rebuilt from its own saved
+config. The trainer, loggers, callbacks and data around the module are assembled in train/ops/trainer.py.
+"""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.last_checkpoint import LastCheckpoint
-from models.adapters import AdapterSpec, apply_adapter
-from models.components import Components, apply_speed_switches, build_components
-from train.checkpoint import AtomicCheckpointIO, is_training_checkpoint, load_components
+from models.adapters import AdapterSpec, apply_adapter, has_peft_adapter, merge_adapters
+from models.components import Components, apply_speed_switches, build_components, load_pretrained
+from models.export import make_pipeline
+from train.checkpoint import find_checkpoint, is_diffusers_folder, is_training_checkpoint, read_checkpoint
 from train.diffusion import DiffusionCore
-from train.module import DiffusionModule
+from train.module import DiffusionModule, check_state_dict
 from train.redaction import scrub
 
 log = logging.getLogger(__name__)
@@ -64,78 +65,53 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     return module
 
 
-def build_datamodule(cfg: DictConfig, module: DiffusionModule) -> L.LightningDataModule:
-    """The data group; data that needs the model (DreamBooth class images, rollout prompts) gets it here."""
-    native = {"resolution": module.components.resolution} if cfg.data.get("resolution") is None else {}
-    datamodule = instantiate(cfg.data, _convert_="all", **native)  # resolution null: the model's native size;
-    # _convert_=all: plain containers, so checkpoints (which store the data hyperparameters) load weights-only
-    datamodule.set_tokenizer(module.components.tokenizer)
-    given = getattr(datamodule, "urls", None) is not None or getattr(datamodule, "mixture_cfg", None)
-    if given and hasattr(datamodule, "check_model"):
-        # cached-latent shards must match this model's encoders: refused here, before any training
-        text_trains = any(p.requires_grad for p in module.text_encoder.parameters())
-        datamodule.check_model(module.components, text_trains)
-    if hasattr(datamodule, "attach_model"):
-        datamodule.attach_model(module)
-    return datamodule
+# ----- restoring a trained module (the one place) -----
+def load_module(path: str | Path, use_ema: bool = True):
+    """Rebuild the trained module from a checkpoint (EMA weights swapped in when present and asked for)."""
+    ckpt = read_checkpoint(path)
+    cfg_dict = ckpt.get("foundry", {}).get("config")
+    if cfg_dict is None:
+        raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
+    cfg = OmegaConf.create(cfg_dict)
+    # Training-only settings are dropped: sampling and export need neither REPA's projector nor its frozen encoder
+    # (nor the encoder folder). The projector is registered last, so its EMA entries are the tail of the shadow list.
+    n_repa = sum(v.numel() > 0 for k, v in ckpt["state_dict"].items() if k.startswith("repa."))
+    if OmegaConf.select(cfg, "repa.encoder"):
+        cfg.repa.encoder = None
+    if OmegaConf.select(cfg, "model.compile"):  # sampling calls vary in shape: eager is faster than recompiling
+        cfg.model.compile = False
+    module = build_module(cfg)
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
+    check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))
+    module.load_state_dict(state, strict=False)
+    ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA")), None)
+    if use_ema and ema_state and ema_state.get("shadow_params"):
+        params = module.trainable_parameters()
+        shadow = ema_state["shadow_params"]
+        for p, s in zip(params, shadow[: len(shadow) - n_repa], strict=True):
+            p.data.copy_(s.to(p.dtype))
+        log.info("loaded EMA weights from %s (step %s)", path, ckpt.get("global_step"))
+    module.eval()
+    return module, cfg
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    callbacks = []
-    for node in (cfg.get("callbacks") or {}).values():  # `enabled: false` switches one off, keeping its settings
-        node = OmegaConf.to_container(node, resolve=True) if node is not None else None
-        if node is not None and node.pop("enabled", True):
-            callbacks.append(instantiate(node))
-    callbacks.append(LastCheckpoint())  # always on: final state saved; a preempted run loses at most a batch
-    callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
-                                     auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
-                                     save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max", save_last=True))
-    return callbacks
+def load_components(path: str | Path, use_ema: bool = True, merge: bool = True):
+    """Components from a .ckpt, a run directory, or a diffusers folder (exported or pretrained).
+
+    A checkpoint trained with an adapter comes back with the adapter folded into the weights (`merge`), so the
+    result is a plain model: what a sampler, an export or the next run's base expects.
+    """
+    if is_diffusers_folder(path):
+        return load_pretrained(path)
+    module, _ = load_module(find_checkpoint(path), use_ema)
+    comps = module.components
+    if merge:
+        for model in (comps.unet, comps.text_encoder):
+            if has_peft_adapter(model):
+                merge_adapters(model)
+    return comps
 
 
-def build_logger(cfg: DictConfig):
-    node = cfg.get("logger")
-    if not node or "_target_" not in node:
-        return False
-    from train.tracking import git_state, scrubbed_argv, wandb_identity
-
-    identity: dict[str, Any] = {}
-    if "WandbLogger" in node._target_:
-        os.environ.setdefault("WANDB_SILENT", "true")
-        if node.get("offline", True):
-            os.environ["WANDB_MODE"] = "offline"
-        identity = wandb_identity(cfg)  # group / job_type / tags per experiment and sweep
-    logger = instantiate(node, **identity)
-    git = git_state() if cfg.get("tracking", {}).get("git", True) else {}
-    with scrubbed_argv():  # the first call starts the W&B run, which records the command line
-        logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
-    if cfg.get("tracking", {}).get("csv", False) and "CSVLogger" not in node._target_:
-        from train.csvlog import ResumableCSVLogger
-
-        # the same metrics as plain CSV beside W&B: foundry-report and scripts read them without a W&B install
-        return [logger, ResumableCSVLogger(save_dir=cfg.paths.run_dir, name="csv", version="")]
-    return logger
-
-
-def build_strategy(cfg: DictConfig):
-    """conf/strategy/: a Lightning strategy name, or a strategy object (train/strategies.py) built from its node."""
-    node = cfg.get("strategy") or {}
-    if "_target_" in node:
-        strategy = instantiate(node, _convert_="all")  # plain dicts: DeepSpeed edits and serialises its config
-        if isinstance(getattr(strategy, "config", None), dict):  # DeepSpeed: our loaders batch inside the stream
-            strategy.config.setdefault("train_micro_batch_size_per_gpu", int(cfg.data.batch_size))
-        return strategy
-    return node.get("name", "auto")
-
-
-def build_plugins() -> list[Any]:
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # our LastCheckpoint saves at a batch boundary and requeues (callbacks/last_checkpoint)
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return plugins
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    return L.Trainer(**_kwargs(cfg.trainer), default_root_dir=str(run_dir), max_epochs=-1,
-                     num_sanity_val_steps=0, callbacks=build_callbacks(cfg, run_dir), logger=build_logger(cfg),
-                     strategy=build_strategy(cfg), plugins=build_plugins())
+def load_pipeline(path: str | Path, use_ema: bool = True, sampler: str = "ddim"):
+    """A ready-to-call pipeline from a checkpoint or an exported/pretrained folder."""
+    return make_pipeline(load_components(path, use_ema), sampler)

@@ -156,40 +156,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
-def load_module(path: str | Path, use_ema: bool = True):
-    """Rebuild the trained module from a checkpoint (EMA weights swapped in when present and asked for)."""
-    from omegaconf import OmegaConf
-
-    from train.build import build_module
-    from train.module import check_state_dict
-
-    ckpt = read_checkpoint(path)
-    cfg_dict = ckpt.get("foundry", {}).get("config")
-    if cfg_dict is None:
-        raise ValueError(f"'{path}' has no foundry config; was it written by foundry-train?")
-    cfg = OmegaConf.create(cfg_dict)
-    # Training-only settings are dropped: sampling and export need neither REPA's projector nor its frozen encoder
-    # (nor the encoder folder). The projector is registered last, so its EMA entries are the tail of the shadow list.
-    n_repa = sum(v.numel() > 0 for k, v in ckpt["state_dict"].items() if k.startswith("repa."))
-    if OmegaConf.select(cfg, "repa.encoder"):
-        cfg.repa.encoder = None
-    if OmegaConf.select(cfg, "model.compile"):  # sampling calls vary in shape: eager is faster than recompiling
-        cfg.model.compile = False
-    module = build_module(cfg)
-    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
-    check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))
-    module.load_state_dict(state, strict=False)
-    ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA")), None)
-    if use_ema and ema_state and ema_state.get("shadow_params"):
-        params = module.trainable_parameters()
-        shadow = ema_state["shadow_params"]
-        for p, s in zip(params, shadow[: len(shadow) - n_repa], strict=True):
-            p.data.copy_(s.to(p.dtype))
-        log.info("loaded EMA weights from %s (step %s)", path, ckpt.get("global_step"))
-    module.eval()
-    return module, cfg
-
-
 def find_checkpoint(path: str | Path) -> Path:
     """Accept a .ckpt, or a run directory (its checkpoints/last.ckpt)."""
     p = Path(path).expanduser()
@@ -208,30 +174,3 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 def is_diffusers_folder(path: str | Path) -> bool:
     return Path(path).expanduser().is_dir() and (Path(path).expanduser() / "unet").is_dir()
-
-
-def load_components(path: str | Path, use_ema: bool = True, merge: bool = True):
-    """Components from a .ckpt, a run directory, or a diffusers folder (exported or pretrained).
-
-    A checkpoint trained with an adapter comes back with the adapter folded into the weights (`merge`), so the
-    result is a plain model: what a sampler, an export or the next run's base expects.
-    """
-    from models.adapters import has_peft_adapter, merge_adapters
-    from models.components import load_pretrained
-
-    if is_diffusers_folder(path):
-        return load_pretrained(path)
-    module, _ = load_module(find_checkpoint(path), use_ema)
-    comps = module.components
-    if merge:
-        for model in (comps.unet, comps.text_encoder):
-            if has_peft_adapter(model):
-                merge_adapters(model)
-    return comps
-
-
-def load_pipeline(path: str | Path, use_ema: bool = True, sampler: str = "ddim"):
-    """A ready-to-call pipeline from a checkpoint or an exported/pretrained folder."""
-    from models.export import make_pipeline
-
-    return make_pipeline(load_components(path, use_ema), sampler)

@@ -22,9 +22,11 @@ from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components, vae_moments
 from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
+from models.tokens import tokenize
 from train.diffusion import DiffusionCore
 from train.methods.base import Method
 from train.nonfinite import NonFiniteError, StepGuard, gradients_finite, skip_loss
+from train.optim import build_optimizer, schedule_free_mode
 from train.strategies import accumulation_boundary, full_parameters, is_deepspeed, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,6 @@ __all__ = ["DiffusionModule", "NonFiniteError", "Reference"]
 @dataclass
 class Reference:
     """The frozen base model, as `with module.reference() as ref:` hands it to a method (no gradients)."""
-
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
 
@@ -151,8 +152,6 @@ class DiffusionModule(L.LightningModule):
     def empty_prompt_ids(self, n: int) -> torch.Tensor:
         """Token ids of the empty prompt (the unconditional branch of classifier-free guidance), [n, L]."""
         if getattr(self, "_empty_ids", None) is None:
-            from data.batch import tokenize
-
             self._empty_ids = tokenize(self.components.tokenizer, [""])
         return self._empty_ids.to(self.device).expand(n, -1)
 
@@ -283,7 +282,6 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def _schedule_free(self, train: bool) -> None:
-        from train.optim import schedule_free_mode
 
         trainer = self.attached_trainer
         for opt in (trainer.optimizers if trainer is not None else []):
@@ -354,7 +352,6 @@ class DiffusionModule(L.LightningModule):
 
     # ----- optimizer -----
     def configure_optimizers(self):
-        from train.optim import build_optimizer
 
         params = self.trainable_parameters()
         if not params:

@@ -1,5 +1,5 @@
 """Which names hold credentials, in one rule: saved configs, logs, command lines, environment variables and git
-diffs are all redacted by it (train/build.py scrubs configs, train/tracking.py logs and files)."""
+diffs are all redacted by it (train/build.py scrubs configs, train/ops/tracking.py logs and files)."""
 from __future__ import annotations
 
 import os

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.webdataset import derive_seed
+from models.digits_judge import DigitJudge
+
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -31,7 +34,6 @@ class Reward:
 
 class JpegSize(Reward):
     """Kilobytes of the JPEG encoding (quality 95): `sign=-1` rewards compressibility, `+1` incompressibility."""
-
     def __init__(self, sign: int = -1, quality: int = 95):
         if sign not in (-1, 1):
             raise ValueError(f"reward.sign={sign}: -1 (compressibility) or 1 (incompressibility)")
@@ -62,12 +64,10 @@ def digit_in_prompt(prompt: str) -> int | None:
 
 class DigitsLogProb(Reward):
     """log p(prompted digit | image) under the digits judge; NaN for prompts that name no digit (dropped, counted)."""
-
     name = "digits_logprob"
     differentiable = True
 
     def __init__(self, judge=None):
-        from models.digits_judge import DigitJudge
 
         self.judge = judge or DigitJudge.cached()
 
@@ -110,7 +110,6 @@ def _preprocess_stats(path: Path) -> tuple[tuple, tuple]:
 
 class CLIPScore(Reward):
     """PickScore / HPSv2-style: logit_scale x cosine(image, prompt) of a CLIP model from a local folder."""
-
     name = "clip_score"
     differentiable = True
 
@@ -137,7 +136,6 @@ class CLIPScore(Reward):
 class AestheticScore(Reward):
     """A linear/MLP head on normalized CLIP image embeddings (the LAION aesthetic predictor layout): the folder
     holds `clip/` (a CLIPModel) and `head.safetensors` with `layers.N.weight/bias` Linear layers."""
-
     name = "aesthetic"
     differentiable = True
 
@@ -167,7 +165,6 @@ class AestheticScore(Reward):
 
 class WeightedSum(Reward):
     """sum_i w_i r_i; differentiable only if every term is."""
-
     def __init__(self, terms: list[dict]):
         self.terms = [(t["reward"], float(t.get("weight", 1.0))) for t in terms]
         if not self.terms:
@@ -185,7 +182,6 @@ class Augmented(Reward):
     gradient, and a small judge's raw gradient points at pixel patterns it alone reads (adversarial texture);
     the averaged reward only rises for what survives a shift, which is the shape. Same differentiability as
     `reward`."""
-
     def __init__(self, reward: Reward, max_shift: int = 1, noise_std: float = 0.0, draws: int = 4, seed: int = 0):
         if max_shift < 0 or noise_std < 0 or draws < 1:
             raise ValueError(f"reward.max_shift={max_shift}, noise_std={noise_std}, draws={draws}: expected "
@@ -235,7 +231,6 @@ def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, gathe
 
 
 def prompt_id(prompt: str) -> int:
-    from data.webdataset import derive_seed
 
     return derive_seed("prompt", prompt) % (2**62)
 

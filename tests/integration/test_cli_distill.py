@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from models.components import build_components
 from models.export import export_pipeline
 from tests.conftest import cli, small
-from train.checkpoint import load_pipeline
+from train.build import load_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_students_sample_through_diffusers_with_lcm_scheduler(teacher, tmp_path,
     assert res.returncode == 0, res.stderr[-3000:]
     ours = sample(load_pipeline(tmp_path / "s" / "checkpoints" / "last.ckpt", sampler="lcm"))
     out = tmp_path / "export"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "s"), str(out), "--sampler", "lcm"],
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(tmp_path / "s"), str(out), "--sampler", "lcm"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     if experiment == "lcm":

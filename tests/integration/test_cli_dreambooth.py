@@ -41,7 +41,7 @@ def sample(pipe, prompt="a sks digit"):
 def test_dreambooth_lora_one_command_export_and_diffusers_load(setup_dirs, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from train.checkpoint import load_pipeline
+    from train.build import load_pipeline
 
     root, base, inst = setup_dirs
     res = run(f"paths.output_dir={tmp_path}", "run_name=db", "experiment=dreambooth_lora",
@@ -61,7 +61,7 @@ def test_dreambooth_lora_one_command_export_and_diffusers_load(setup_dirs, tmp_p
     assert sum(v["exp_avg"].numel() for v in adam_state.values()) == sum(ckpt["state_dict"][k].numel() for k in keys)
 
     out = tmp_path / "export"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(run_dir), str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
     assert not (out / "base").exists(), "the base is a diffusers folder already: no copy"
@@ -81,7 +81,7 @@ def test_dreambooth_lora_one_command_export_and_diffusers_load(setup_dirs, tmp_p
     assert np.abs(sample(kohya_pipe) - ours).max() < 2e-3, "the kohya file must load with its alpha"
 
     merged = tmp_path / "merged"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(merged), "adapter.merge=true"],
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(run_dir), str(merged), "adapter.merge=true"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     full = DiffusionPipeline.from_pretrained(merged, trust_remote_code=True)

@@ -57,7 +57,7 @@ def test_deepspeed_trains_resumes_and_exports_from_sharded_checkpoint(tmp_path, 
     out = run([*base[:-1], "trainer.max_steps=5"])
     assert "at step 3" in out, "the relaunch must resume the sharded checkpoint"
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["global_step"] == 5
-    res = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "ds"), str(tmp_path / "export"),
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(tmp_path / "ds"), str(tmp_path / "export"),
                           "--consolidate", str(tmp_path / "one.ckpt")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert images(tmp_path / "export").shape == (2, 16, 16, 3)
@@ -73,7 +73,7 @@ def test_zero3_export_matches_the_unsharded_twin(tmp_path):
               "callbacks.sample_images.every_n_steps=0", "callbacks.digits_eval.enabled=false"]
     for name, strategy in (("z3", "deepspeed_stage3"), ("ddp", "ddp")):
         run(small(f"paths.output_dir={tmp_path}", f"run_name={name}", f"strategy={strategy}", *common))
-        subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / name), str(tmp_path / f"{name}-export")],
+        subprocess.run([sys.executable, "-m", "train.ops.export", str(tmp_path / name), str(tmp_path / f"{name}-export")],
                        check=True, capture_output=True, timeout=300)
     from safetensors.torch import load_file
 
@@ -93,7 +93,7 @@ def test_two_node_torchrun_simulation_on_loopback(tmp_path):
     env.pop("FOUNDRY_RUN_NAME", None)
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "-m", "train.main", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "-m", "train.ops.main", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env) for rank in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
@@ -125,7 +125,7 @@ def test_lora_under_zero3_saves_only_the_adapter_and_exports_it(tmp_path):
               "adapter.rank=4", *TWO_RANKS, "trainer.max_steps=2", "optimizer.lr=1e-3"))
     last = tmp_path / "lora3" / "checkpoints" / "last.ckpt"
     single = tmp_path / "one.ckpt"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "lora3"), str(tmp_path / "lora"),
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(tmp_path / "lora3"), str(tmp_path / "lora"),
                           "--consolidate", str(single)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     state = torch.load(single, map_location="cpu", weights_only=True)["state_dict"]

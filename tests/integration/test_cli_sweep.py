@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import cli, small
-from train.report import load_run, wandb_records
+from train.ops.report import load_run, wandb_records
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_report_compares_the_trials_from_their_wandb_logs(optuna_sweep, tmp_path
     out, _ = optuna_sweep
     sweep_dir, = (out / "sweeps").iterdir()
     png = tmp_path / "report.png"
-    res = run([sys.executable, "-m", "train.report", str(sweep_dir), "--out", str(png)], out)
+    res = run([sys.executable, "-m", "train.ops.report", str(sweep_dir), "--out", str(png)], out)
     assert res.returncode == 0, res.stderr[-2000:]
     assert Image.open(png).size[0] >= 1200 and SECRET not in res.stdout
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
@@ -151,7 +151,7 @@ def test_a_wandb_agent_run_is_named_and_grouped_by_its_sweep(tmp_path, monkeypat
     """The command W&B's agent builds from `foundry-sweep wandb` output, run offline (no W&B server here)."""
     import wandb.wandb_agent as agent_mod
 
-    from train.sweep import SWEEP_DIR, build_wandb_sweep
+    from train.ops.sweep import SWEEP_DIR, build_wandb_sweep
 
     config, _ = build_wandb_sweep(SWEEP_DIR / "digits_lr_bs.yaml")
     for var in ("WANDB_DIR", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
@@ -165,7 +165,7 @@ def test_a_wandb_agent_run_is_named_and_grouped_by_its_sweep(tmp_path, monkeypat
                         "args": {"optimizer.lr": {"value": 0.0012}, "data.batch_size": {"value": 8}}})
     argv = launched[0]
     assert argv[1] == "foundry-train"
-    # foundry-train is `python -m train.main`; the test shrinks the trial after the agent's own arguments
+    # foundry-train is `python -m train.ops.main`; the test shrinks the trial after the agent's own arguments
     res = run(cli(*argv[2:], *small(f"paths.output_dir={tmp_path}", "logger=wandb", "logger.offline=false")),
               tmp_path, WANDB_MODE="offline", WANDB_SWEEP_ID="abc123", WANDB_RUN_ID="r1xyz")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -198,5 +198,5 @@ def test_digits_sweep_acceptance(tmp_path):
     runs = [wandb_run_of(Path(t["run_dir"]))[0] for t in summary["trials"]]
     assert len({r["run_id"] for r in runs}) == 4 and {r["run_group"] for r in runs} == {sweep_dir.name}
     png = tmp_path / "report.png"
-    assert run([sys.executable, "-m", "train.report", str(sweep_dir), "--out", str(png)], tmp_path).returncode == 0
+    assert run([sys.executable, "-m", "train.ops.report", str(sweep_dir), "--out", str(png)], tmp_path).returncode == 0
     assert Image.open(png).size[0] >= 1200

@@ -36,7 +36,7 @@ def test_train_resume_and_export_end_to_end(tmp_path):
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run written"
     assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text(), "tracking.csv: no CSV beside W&B"
-    from train.report import read_csv_curves
+    from train.ops.report import read_csv_curves
 
     perf = read_csv_curves(run_dir / "csv" / "metrics.csv")
     tflops, mfu = dict(perf["perf/train_tflops_per_s"]), dict(perf["perf/mfu"])
@@ -56,14 +56,14 @@ def test_train_resume_and_export_end_to_end(tmp_path):
     assert "resuming from" in res.stdout + res.stderr and "at step 4" in res.stdout + res.stderr
     s = summary(run_dir)
     assert s["global_step"] == 6 and s["resumed_from"].endswith("last.ckpt")
-    from train.report import read_csv_curves
+    from train.ops.report import read_csv_curves
 
     # the resumed run appended to the first run's metrics.csv instead of replacing it
     assert [step for step, _ in read_csv_curves(run_dir / "csv" / "metrics.csv")["train/loss"]] == list(range(6))
 
     # Export -> a diffusers folder that diffusers itself loads and samples from, offline.
     out = tmp_path / "exported"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(run_dir), str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     from diffusers import DiffusionPipeline
 
@@ -73,7 +73,7 @@ def test_train_resume_and_export_end_to_end(tmp_path):
 
     # foundry-sample from the checkpoint writes a grid
     grid = tmp_path / "grid.png"
-    res = subprocess.run([sys.executable, "-m", "train.sample", str(run_dir), "--prompt", "a handwritten digit one",
+    res = subprocess.run([sys.executable, "-m", "train.ops.sample", str(run_dir), "--prompt", "a handwritten digit one",
                           "--n", "2", "--steps", "2", "--out", str(grid)], capture_output=True, text=True)
     assert res.returncode == 0 and grid.is_file(), res.stderr[-2000:]
 
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_continues_step_count(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"at step {step}" in res.stdout + res.stderr
     assert summary(run_dir)["global_step"] == step + 3
-    from train.report import read_csv_curves
+    from train.ops.report import read_csv_curves
 
     # one history: what the killed run flushed before the checkpoint, then the resumed steps (never from 0 again,
     # never the killed run's rows past the checkpoint)

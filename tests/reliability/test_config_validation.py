@@ -2,7 +2,7 @@
 import pytest
 
 from tests.conftest import compose
-from train.validate import ConfigError, validate
+from train.ops.validate import ConfigError, validate
 
 
 def test_the_default_and_test_configs_are_valid():

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from train import build
 from train import checkpoint as ck
 
 
@@ -32,11 +33,11 @@ def evil_run(tmp_path):
 def _paths(run, last):
     from train.build import build_module
     from tests.conftest import compose
-    from data.latent_cache import encode_shards
+    from train.encode import encode_shards
 
     return {
-        "export/eval (load_module)": lambda: ck.load_module(ck.find_checkpoint(run)),
-        "sample/eval/couplings (load_pipeline)": lambda: ck.load_pipeline(run),
+        "export/eval (load_module)": lambda: build.load_module(ck.find_checkpoint(run)),
+        "sample/eval/couplings (load_pipeline)": lambda: build.load_pipeline(run),
         "export --consolidate": lambda: ck.write_consolidated(last, run / "one.ckpt"),
         "resume ckpt_path=last": lambda: ck.resolve_ckpt_path("last", run),
         "resume ckpt_path=<folder>": lambda: ck.resolve_ckpt_path(str(last), run),

@@ -23,7 +23,7 @@ from data.digits import (
     eval_prompt,
     write_digits_shards,
 )
-from data.shards import main as shards_main
+from train.ops.shards import main as shards_main
 from data.shards import write_folder_shards
 from data.webdataset import BUILD_HINT, expand_urls
 

@@ -100,7 +100,7 @@ def test_straightness_is_logged_for_flow_models_and_zero_for_a_straight_flow(tin
     from types import SimpleNamespace
 
     from models.export import make_pipeline
-    from train.evaluate import flow_straightness
+    from train.digits_eval import flow_straightness
 
     module = build_module(tiny_cfg("model.prediction_type=flow"))
     pipe = make_pipeline(module.components)

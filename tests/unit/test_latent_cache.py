@@ -31,7 +31,7 @@ def latent_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(latent_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "digits-latents"
-    res = subprocess.run([sys.executable, "-m", "data.shards", "encode", ensure_digits_shards(16), "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "train.ops.shards", "encode", ensure_digits_shards(16), "--out", str(out),
                           "--model", str(latent_model)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "wrote 8 shard(s) (1797 samples), 0 already present" in res.stdout, res.stdout
@@ -81,7 +81,7 @@ def test_interrupted_encode_resumes_without_redoing_finished_shards(cache_dir, l
         p.unlink()
     (out / f".{removed[0].name}.tmp").write_bytes(b"half-written by a killed run")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    res = subprocess.run([sys.executable, "-m", "data.shards", "encode", ensure_digits_shards(16), "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "train.ops.shards", "encode", ensure_digits_shards(16), "--out", str(out),
                           "--model", str(latent_model), "--procs", "2"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "wrote 2 shard(s)" in res.stdout and "6 already present (resumed)" in res.stdout, res.stdout
@@ -176,6 +176,6 @@ def test_encode_bad_input_is_one_line(latent_model, tmp_path):
     for args, message in [(["--model", str(micro)], "has no VAE"),
                           (["--model", str(latent_model), "--vae-dtype", "fp16"], "fp16 overflows"),
                           (["--model", str(latent_model), "--part", "3/2"], "--part 3/2")]:
-        res = subprocess.run([sys.executable, "-m", "data.shards", "encode", ensure_digits_shards(16), "--out",
+        res = subprocess.run([sys.executable, "-m", "train.ops.shards", "encode", ensure_digits_shards(16), "--out",
                               str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=300)
         assert res.returncode != 0 and message in res.stderr.strip().splitlines()[-1], res.stderr[-1500:]

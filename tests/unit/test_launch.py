@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, cli, compose, small
-from train.launch import make_plan, resolve_batch
-from train.validate import ConfigError, check_offload_path, check_offload_room, validate
+from train.ops.launch import make_plan, resolve_batch
+from train.ops.validate import ConfigError, check_offload_path, check_offload_room, validate
 
 
 def plan(*overrides, urls=None):
@@ -60,7 +60,7 @@ def test_strategy_configs_compose_and_name_themselves():
 
 
 def test_strategy_objects_build_from_their_config():
-    from train.build import build_strategy
+    from train.ops.trainer import build_strategy
     from train.strategies import FSDP, DeepSpeed
 
     ds = build_strategy(compose(["strategy=deepspeed_stage3_offload"]))
@@ -128,7 +128,7 @@ def test_dry_run_writes_an_sbatch_script_that_parses(tmp_path):
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --job-name=cats"):
         assert line in script
-    assert re.search(r"srun python -m train\.main .*trainer\.num_nodes=4", script)
+    assert re.search(r"srun python -m train\.ops\.main .*trainer\.num_nodes=4", script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "cats" / "launch.sbatch")]).returncode == 0
 
 
@@ -145,7 +145,7 @@ def test_submitit_launcher_config_makes_a_correct_slurm_job(tmp_path, monkeypatc
     from omegaconf import OmegaConf
 
     from tests.conftest import CONF_DIR
-    from train.main import register_resolvers
+    from train.ops.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -162,7 +162,7 @@ def test_submitit_launcher_config_makes_a_correct_slurm_job(tmp_path, monkeypatc
                                gpus_per_node=launcher["gpus_per_node"], timeout_min=launcher["timeout_min"],
                                slurm_partition=launcher["partition"], slurm_signal_delay_s=launcher["signal_delay_s"],
                                slurm_setup=launcher["setup"])
-    text = executor._executor._make_submission_file_text("python -m train.main", "uid")
+    text = executor._executor._make_submission_file_text("python -m train.ops.main", "uid")
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@90", "#SBATCH --time=1440"):
         assert line in text, text

@@ -73,7 +73,7 @@ def test_couplings_round_trip_bit_exactly_and_bad_ones_are_counted(tmp_path):
 
 
 def test_foundry_shards_couplings_resumes_without_redoing_shards(tmp_path):
-    from data.couplings import write_couplings
+    from train.couplings import write_couplings
     from models.export import export_pipeline
 
     teacher = export_pipeline(build_components(preset="micro", resolution=16), tmp_path / "teacher")

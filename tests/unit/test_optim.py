@@ -8,7 +8,7 @@ import torch
 
 from train.build import build_module
 from train.optim import Chained, build_optimizer
-from train.validate import ConfigError, validate
+from train.ops.validate import ConfigError, validate
 
 
 def test_lion_update_matches_a_hand_computed_step():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data.preference import write_pair_shards
-from data.shards import main as shards_main
+from train.ops.shards import main as shards_main
 from data.webdataset import build_stream
 from models.tiny import build_preset
 from train.diffusion import preference_loss

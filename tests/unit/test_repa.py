@@ -102,7 +102,7 @@ def test_repa_trains_through_the_cli_and_its_checkpoint_samples_without_the_enco
     assert "train/repa_loss" in header
     assert json.loads((run / "summary.json").read_text())["global_step"] == 4
     shutil.rmtree(encoder)  # sampling and export need neither the encoder nor the projector
-    from train.checkpoint import load_module
+    from train.build import load_module
 
     module, _ = load_module(run / "checkpoints" / "last.ckpt")
     assert module.repa is None and not any(k.startswith("repa.") for k in module.state_dict())

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from models.pipeline import to_uint8_grid
-from train.report import ReportError, by_guidance, expand, final_loss, load_run, main, read_csv_curves, render, table
+from train.ops.report import ReportError, by_guidance, expand, final_loss, load_run, main, read_csv_curves, render, table
 
 
 def make_run(root, name, losses, acc):

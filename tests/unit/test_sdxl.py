@@ -95,7 +95,7 @@ def test_sdxl_trains_through_cli_and_exports_to_diffusers(sdxl_dir, tmp_path):
     assert (run_dir / "samples" / "step_000004.png").is_file()
     before = load_pretrained(sdxl_dir)
     after = build_components(pretrained=str(sdxl_dir))  # the checkpoint's weights moved away from the folder's
-    from train.checkpoint import load_components
+    from train.build import load_components
 
     trained = load_components(run_dir / "checkpoints" / "last.ckpt")
     assert isinstance(trained.unet, FoundrySDXLUNet)
@@ -103,7 +103,7 @@ def test_sdxl_trains_through_cli_and_exports_to_diffusers(sdxl_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after.unet.parameters(), before.unet.parameters()))
 
     out = tmp_path / "exported"
-    res = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "train.ops.export", str(run_dir), str(out)], capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     pipe = StableDiffusionXLPipeline.from_pretrained(out)  # diffusers' own classes, no code from here

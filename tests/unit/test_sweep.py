@@ -6,9 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, ROOT
-from train.sweep import (SWEEP_DIR, SweepError, build_wandb_sweep, check_direction, check_trial_launch, main,
-                         objective_direction, objective_value, swept_keys, trial_record, wandb_violations,
-                         write_summary)
+from train.ops.objective import SweepError, check_trial_launch, objective_direction, objective_value
+from train.ops.sweep import (SWEEP_DIR, build_wandb_sweep, check_direction, main, swept_keys, trial_record,
+                             wandb_violations, write_summary)
 
 SWEEP_FILES = sorted(SWEEP_DIR.glob("*.yaml"))
 
@@ -91,7 +91,7 @@ def test_wandb_bridge_gives_a_valid_sweep_with_program_and_arguments(sweep_file)
     from sweeps import SweepConfig  # imported (quietly) by wandb_violations
 
     SweepConfig(config)  # W&B's own loader accepts and fills it
-    assert config["program"] == "train/main.py" and (ROOT / config["program"]).is_file()
+    assert config["program"] == "train/ops/main.py" and (ROOT / config["program"]).is_file()
     assert config["command"] == ["${env}", "foundry-train", f"sweep={sweep_file.stem}", "logger=wandb",
                                  "logger.offline=false", "${args_no_hyphens}"]
     assert config["metric"] == {"name": "val/prompt_accuracy", "goal": "maximize"} and config["project"] == "p"
@@ -122,7 +122,7 @@ def test_the_agent_runs_foundry_train_with_hydra_overrides(monkeypatch, tmp_path
     import wandb.wandb_agent as agent_mod
     from hydra import compose, initialize_config_dir
 
-    from train.main import register_resolvers
+    from train.ops.resolvers import register_resolvers
 
     config, _ = build_wandb_sweep(SWEEP_DIR / "digits_lr_bs.yaml")
     for var in ("WANDB_DIR", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
@@ -147,7 +147,7 @@ def test_cli_prints_and_refuses_to_create_offline(tmp_path, capsys, monkeypatch)
     out = tmp_path / "sweep.yaml"
     assert main(["wandb", str(SWEEP_DIR / "digits_lr_bs.yaml"), "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    assert "program: train/main.py" in printed.out and out.read_text() == printed.out
+    assert "program: train/ops/main.py" in printed.out and out.read_text() == printed.out
     assert "wandb agent --count 4" in printed.err
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["wandb", str(SWEEP_DIR / "lr.yaml"), "--create"]) == 2

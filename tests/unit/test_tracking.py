@@ -13,8 +13,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
-from train import tracking
-from train.report import wandb_records
+from callbacks.wandb_log import log_samples_table
+from train.ops import tracking
+from train.ops.report import wandb_records
 
 SECRET = "local-0123456789abcdef0123456789abcdef01234567"
 
@@ -143,7 +144,7 @@ def test_outputs_become_wandb_artifacts_and_samples_a_table(tmp_path, monkeypatc
     names = tracking.log_artifacts(run, run_dir, "unit-run", {"global_step": 10, "val/x": 0.5}, min_ref_mb=0.1)
     trainer = SimpleNamespace(is_global_zero=True, loggers=[WandbLogger(experiment=run)])
     images = np.random.default_rng(0).random((4, 16, 16, 3))
-    tracking.log_samples_table(trainer, ["a", "a", "b", "b"], [0, 1, 0, 1], images, step=10)
+    log_samples_table(trainer, ["a", "a", "b", "b"], [0, 1, 0, 1], images, step=10)
     run.finish()
     assert names == ["unit-run-checkpoints", "unit-run-pipeline-exported", "unit-run-lora"]
 

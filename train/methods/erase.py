@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from data.batch import tokenize
+from models.tokens import tokenize
 from train.methods.base import Method
 from train.sampling import ddim_scheduler, guided, sample
 
