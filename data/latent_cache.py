@@ -18,7 +18,6 @@ data module and the same model, and simply skips the encoders (`DiffusionModule.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from data.transforms import BadSample
+from models.fingerprint import CACHE_DIGITS, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VAE_DTYPES = ("fp32", "bf16")
 
 
-def weights_fingerprint(model: torch.nn.Module | None) -> str | None:
-    """A digest of a network's weights (per-tensor shape, sum and sum of squares in float64)."""
-    if model is None:
-        return None
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().double()
-        h.update(f"{name}:{tuple(t.shape)}:{float(t.sum()):.9e}:{float((t * t).sum()):.9e}".encode())
-    return h.hexdigest()[:16]
+def model_fingerprint(model: torch.nn.Module | None) -> str | None:
+    """The cache's record of an encoder (models/fingerprint.py)."""
+    return None if model is None else weights_fingerprint(model.state_dict().items(), CACHE_DIGITS)
 
 
 def manifest_path(urls: list[str]) -> Path | None:
@@ -68,7 +62,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def check_cache(manifest: dict[str, Any], comps, where: str, text_trains: bool = False) -> None:
     """Refuse, in one line naming both, a cache made with other encoders than the run's model (or one whose
     latents the model cannot take)."""
-    ours = weights_fingerprint(comps.vae)
+    ours = model_fingerprint(comps.vae)
     if comps.vae is None:
         raise ValueError(f"data.urls: '{where}' holds cached latents (VAE {manifest['vae_fingerprint']} of "
                          f"{manifest['model']}) but this run's model is pixel-space; use a latent model or image shards")
@@ -81,7 +75,7 @@ def check_cache(manifest: dict[str, Any], comps, where: str, text_trains: bool =
         raise ValueError(f"data.urls: '{where}' holds latents of shape {manifest['latent_shape']}, this run's model "
                          f"takes {shape}; re-encode at model.resolution={comps.resolution}")
     if manifest.get("text_fingerprint") is not None:
-        theirs, mine = manifest["text_fingerprint"], weights_fingerprint(comps.text_encoder)
+        theirs, mine = manifest["text_fingerprint"], model_fingerprint(comps.text_encoder)
         if theirs != mine:
             raise ValueError(f"data.urls: '{where}' holds text embeddings of the text encoder of {manifest['model']} "
                              f"(fingerprint {theirs}), this run's text encoder is {mine}; re-encode, or encode "

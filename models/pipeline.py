@@ -16,6 +16,13 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def combine_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, the one formula (the sampler in train/sampling.py uses it too); `scale` may be per
+    sample ([B])."""
+    s = scale if not torch.is_tensor(scale) or scale.ndim == 0 else scale.view(-1, *([1] * (cond.ndim - 1)))
+    return uncond + s * (cond - uncond)
+
+
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of the guidance weight w = guidance_scale - 1 (LCM, guidance distillation), [B, dim]."""
     half = dim // 2
@@ -85,8 +92,7 @@ class FoundryPixelPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 inp = self.scheduler.scale_model_input(inp, t)
             out = _denoise(self.unet, inp, t, cond.to(dtype), timestep_cond)
             if do_cfg:
-                uncond, text = out.chunk(2)
-                out = uncond + guidance_scale * (text - uncond)
+                out = combine_guidance(*out.chunk(2), guidance_scale)
             x = self.scheduler.step(out, t, x, **extra).prev_sample
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {"latents": x})

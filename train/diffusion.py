@@ -30,6 +30,22 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+# ----- VP conversions, the one place (the core, the DDIM sampler and the distillation targets use them) -----
+def vp_x0_eps(x_t: torch.Tensor, pred: torch.Tensor, a: torch.Tensor,
+              prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and eps from a VP network's output `pred` at x_t, with alpha_cumprod `a` broadcastable to x_t."""
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt(), pred
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * pred, a.sqrt() * pred + (1 - a).sqrt() * x_t
+    raise ValueError(f"prediction_type '{prediction_type}' is not epsilon/v_prediction")
+
+
+def vp_eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The noise that takes x0 to x_t at alpha_cumprod `a`."""
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
 @dataclass
 class Noised:
     """One training draw: the noisy input, its timestep, the noise and what the network should output."""
@@ -137,24 +153,22 @@ class DiffusionCore:
     def predict_x0(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.flow:
             return xt - _expand(self.sigma(t), xt) * pred
-        a = _expand(self.alphas_cumprod(t), xt)
-        if self.prediction_type == "epsilon":
-            return (xt - (1 - a).sqrt() * pred) / a.sqrt()
-        return a.sqrt() * xt - (1 - a).sqrt() * pred
+        return vp_x0_eps(xt, pred, _expand(self.alphas_cumprod(t), xt), self.prediction_type)[0]
 
     def predict_eps(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.flow:
             return xt + (1 - _expand(self.sigma(t), xt)) * pred
-        if self.prediction_type == "epsilon":
-            return pred
-        a = _expand(self.alphas_cumprod(t), xt)
-        return (1 - a).sqrt() * xt + a.sqrt() * pred
+        return vp_x0_eps(xt, pred, _expand(self.alphas_cumprod(t), xt), self.prediction_type)[1]
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_cumprod at integer timesteps, 1 for t < 0 (the clean end of a DDIM jump)."""
+        return torch.where(t >= 0, self.alphas_cumprod(t.clamp_min(0)), torch.ones_like(t, dtype=torch.float))
 
     def ddim_jump(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM state at timestep `t` (any earlier one) from predicted x0 and eps; t < 0 is x0.
 
         This is the ODE solver step of consistency distillation (skipping interval k: t = t_start - k)."""
-        a = _expand(torch.where(t >= 0, self.alphas_cumprod(t.clamp_min(0)), torch.ones_like(t, dtype=torch.float)), x0)
+        a = _expand(self.alpha_bar(t), x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import save as save_tensors
 
-from data.latent_cache import DTYPES, FORMAT, MANIFEST, MEMBER, VAE_DTYPES, weights_fingerprint
+from data.latent_cache import DTYPES, FORMAT, MANIFEST, MEMBER, VAE_DTYPES, model_fingerprint
 from data.transforms import BadSample, ImageTransform, decode_caption, load_image
 from data.webdataset import IMAGE_KEYS, tar_samples
 from models.components import vae_moments
@@ -99,8 +99,8 @@ def manifest_for(comps, model: str, dtype: str, text: bool, resolution: int) -> 
         with torch.no_grad():
             ids = tokenize(comps.tokenizer, [""]).to(next(comps.text_encoder.parameters()).device)
             ctx_shape = list(comps.text_encoder(ids)[0].shape[1:])
-    return {"format": FORMAT, "model": str(model), "vae_fingerprint": weights_fingerprint(comps.vae),
-            "text_fingerprint": weights_fingerprint(comps.text_encoder) if text else None,
+    return {"format": FORMAT, "model": str(model), "vae_fingerprint": model_fingerprint(comps.vae),
+            "text_fingerprint": model_fingerprint(comps.text_encoder) if text else None,
             "scaling_factor": comps.vae.config.scaling_factor,
             "shift_factor": getattr(comps.vae.config, "shift_factor", None), "resolution": resolution,
             "latent_shape": shape, "context_shape": ctx_shape, "dtype": dtype, "stored": "mean_std"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from data.webdataset import derive_seed
 from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components, vae_moments
+from models.fingerprint import CHECKPOINT_DIGITS, weights_fingerprint
 from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
 from models.tokens import tokenize
@@ -383,13 +383,8 @@ class DiffusionModule(L.LightningModule):
             yield from ((f"{prefix}.{n}", p) for n, p in getattr(self, prefix).named_parameters())
 
     def frozen_fingerprint(self) -> str:
-        """A cheap digest of the frozen weights (per-tensor sums), to refuse resuming onto a different base."""
-        h = hashlib.sha256()
-        for name, p in sorted(self._frozen_named_parameters(), key=lambda item: item[0]):
-            if not p.requires_grad:
-                t = p.detach().double()
-                h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float((t * t).sum()):.6e}".encode())
-        return h.hexdigest()[:16]
+        """A cheap digest of the frozen weights (models/fingerprint.py), to refuse resuming onto a different base."""
+        return weights_fingerprint(self._frozen_named_parameters(), CHECKPOINT_DIGITS)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_keys()

@@ -15,6 +15,9 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler
 
+from models.pipeline import combine_guidance
+from train.diffusion import vp_x0_eps
+
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output (eps or v)
 
 
@@ -38,9 +41,7 @@ def guided(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: t
     if uncond is None:
         return unet(x, t, encoder_hidden_states=cond).sample
     out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-    u, c = out.chunk(2)
-    s = scale if not torch.is_tensor(scale) or scale.ndim == 0 else scale.view(-1, *([1] * (x.ndim - 1)))
-    return u + s * (c - u)
+    return combine_guidance(*out.chunk(2), scale)
 
 
 @dataclass
@@ -62,12 +63,7 @@ def ddim_step(sched: DDIMScheduler, model_output: torch.Tensor, t: int, x_t: tor
     a_prev = acp[prev_t] if prev_t >= 0 else torch.as_tensor(sched.final_alpha_cumprod, device=x_t.device)
     out = model_output.float()
     x = x_t.float()
-    if sched.config.prediction_type == "epsilon":
-        x0, eps = (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
-    elif sched.config.prediction_type == "v_prediction":
-        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
-    else:
-        raise ValueError(f"ddim_step: prediction_type '{sched.config.prediction_type}' is not epsilon/v_prediction")
+    x0, eps = vp_x0_eps(x, out, a_t, sched.config.prediction_type)
     if sched.config.clip_sample:
         x0 = x0.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)

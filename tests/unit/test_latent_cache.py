@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save
 
 from data.digits import ensure_digits_shards
-from data.latent_cache import MANIFEST, MEMBER, check_cache, read_manifest, weights_fingerprint
+from data.latent_cache import MANIFEST, MEMBER, check_cache, model_fingerprint, read_manifest
 from data.webdataset import build_stream
 from models.components import build_components, vae_moments
 from tests.conftest import cli, small
@@ -50,7 +50,7 @@ def test_cache_manifest_and_samples_equal_on_the_fly_encoding(cache_dir, latent_
     manifest = read_manifest(cache_dir / MANIFEST)
     comps = build_components(pretrained=str(latent_model))
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["context_shape"] == [12, 16]
-    assert manifest["vae_fingerprint"] == weights_fingerprint(comps.vae) and manifest["dtype"] == "fp16"
+    assert manifest["vae_fingerprint"] == model_fingerprint(comps.vae) and manifest["dtype"] == "fp16"
     check_cache(manifest, comps, str(cache_dir))  # the model that made it passes
     # the same images through the VAE and the text encoder now give the cached tensors (fp16 storage)
     stream = build_stream(ensure_digits_shards(16), tokenizer=comps.tokenizer, resolution=16, batch_size=4,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from train.diffusion import vp_eps_from_x0
 from train.methods.base import Method
 from train.sampling import guided
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def two_step_target(core, z_t: torch.Tensor, t: torch.Tensor, z_end: torch.Tensor, t_end: torch.Tensor):
     """x~ with DDIM(z_t -> t_end; x~) == z_end, i.e. x~ = (z_end - (s_e/s_t) z_t) / (a_e - (s_e/s_t) a_t)."""
     def ab(tt):
-        a = torch.where(tt >= 0, core.alphas_cumprod(tt.clamp_min(0)), torch.ones_like(tt, dtype=torch.float))
+        a = core.alpha_bar(tt)
         return a.sqrt().view(-1, 1, 1, 1), (1 - a).sqrt().view(-1, 1, 1, 1)
 
     a_t, s_t = ab(t)
@@ -71,8 +72,7 @@ class Progressive(Method):
                 z = core.ddim_jump(core.predict_x0(z, out, tt), core.predict_eps(z, out, tt), tt - s // 2)
                 tt = tt - s // 2
             x_target = two_step_target(core, d.x_t, t, z, tt)
-            a = core.alphas_cumprod(t).view(-1, 1, 1, 1)
-            eps_target = (d.x_t - a.sqrt() * x_target) / (1 - a).sqrt()
+            eps_target = vp_eps_from_x0(d.x_t, x_target, core.alphas_cumprod(t).view(-1, 1, 1, 1))
             v_target = core.target(x_target, eps_target, t)
         pred = module.unet(d.x_t, t, encoder_hidden_states=module.encode_text(ids)).sample
         return {"loss": core.per_sample_error(pred, v_target), "student_steps": torch.tensor(float(self.student_steps))}
