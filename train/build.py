@@ -52,10 +52,9 @@ def adapter_spec(cfg: DictConfig) -> AdapterSpec:
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """Components + core + method -> the LightningModule (also used to rebuild from a checkpoint)."""
     components = build_model(cfg)
-    core = DiffusionCore(components.scheduler, min_snr_gamma=cfg.loss.min_snr_gamma, offset_noise=cfg.loss.offset_noise,
-                         loss_type=cfg.loss.type, timestep_sampling=cfg.loss.get("timestep_sampling", "uniform"),
-                         logit_mean=cfg.loss.get("logit_mean", 0.0), logit_std=cfg.loss.get("logit_std", 1.0),
-                         timestep_range=tuple(cfg.loss.get("timestep_range") or (0.0, 1.0)))
+    # the loss group's keys are DiffusionCore's arguments (`type` is `loss_type`); its defaults live in the yaml
+    core = DiffusionCore(components.scheduler,
+                         **{("loss_type" if k == "type" else k): v for k, v in _kwargs(cfg.loss).items()})
     method = instantiate(cfg.method, _convert_="all")
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),
                              lr_scheduler=_kwargs(cfg.lr_scheduler), seed=cfg.seed, masking=_kwargs(cfg.get("masking")),

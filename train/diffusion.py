@@ -62,7 +62,8 @@ class DiffusionCore:
     def __init__(self, scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, loss_type: str = "mse", huber_c: float = 0.001,
                  timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 timestep_range: tuple[float, float] = (0.0, 1.0)):
+                 timestep_range: tuple[float, float] | None = (0.0, 1.0)):
+        timestep_range = (0.0, 1.0) if timestep_range is None else timestep_range  # null: the whole schedule
         lo, hi = (float(v) for v in timestep_range)
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"loss.timestep_range={list(timestep_range)}: expected [lo, hi] with 0 <= lo < hi <= 1 "
