@@ -8,6 +8,7 @@ through :meth:`ShardDataModule.set_tokenizer`.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -17,7 +18,7 @@ from data.buckets import BucketSpec
 from data.digits import ensure_digits_shards
 from data.latent_cache import check_cache, expected_shapes, manifest_path, read_manifest
 from data.shards import count_samples
-from data.webdataset import MixSource, ShardStream, StreamLoader, build_stream, expand_urls
+from data.webdataset import MixSource, ShardStream, StreamLoader, StreamSpec, build_stream, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -28,67 +29,56 @@ class ShardDataModule(L.LightningDataModule):
         self,
         urls: str | list[str] | None = None,
         val_urls: str | list[str] | None = None,
-        resolution: int = 16,
-        batch_size: int = 64,
         num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        resampled: bool = True,
-        steps_per_epoch: int | None = 500,
-        caption_dropout: float = 0.1,
-        center_crop: bool = True,
-        random_flip: bool = False,
-        seed: int = 0,
-        min_size: int = 0,
         persistent_workers: bool = True,
-        kind: str = "image",
-        ties: str = "drop",
-        global_batch_size: int | None = None,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
-        jpeg_draft: bool = False,
+        global_batch_size: int | None = None,
         mixture: list[dict[str, Any]] | None = None,
         buckets: dict[str, Any] | None = None,
-        shard_cache_dir: str | None = None,
+        **stream: Any,
     ) -> None:
+        """Where the data is and how it is loaded; `stream` holds the stream settings, declared once in
+        `data.webdataset.StreamSpec` (resolution, batch_size, caption_dropout, ... as conf/data/*.yaml sets them)
+        and readable as attributes (`datamodule.batch_size`)."""
         super().__init__()
         self.save_hyperparameters()  # logged with the run and stored in checkpoints
+        unknown = sorted(set(stream) - set(StreamSpec.__dataclass_fields__) - {"cache"})
+        if unknown:
+            raise ValueError(f"data: unknown setting(s) {unknown}; the stream settings are "
+                             f"{sorted(StreamSpec.__dataclass_fields__)}")
         self.urls = _plain(urls)
         self.val_urls = _plain(val_urls)
-        self.resolution = int(resolution)
-        self.batch_size = int(batch_size)
         self.global_batch_size = global_batch_size  # informational: train/ops/launch.py derived batch_size from it
         self.num_workers = int(num_workers)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.resampled = bool(resampled)
-        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
-        self.caption_dropout = float(caption_dropout)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        self.seed = int(seed)
-        self.min_size = int(min_size)
         self.persistent_workers = bool(persistent_workers)
-        self.kind, self.ties = str(kind), str(ties)
         self.pin_memory = bool(pin_memory)  # page-locked batches: faster host-to-GPU copies
         if prefetch_factor is not None and int(prefetch_factor) < 1:
             raise ValueError(f"data.prefetch_factor={prefetch_factor}: give batches per worker >= 1, or null")
         self.prefetch_factor = None if prefetch_factor is None else int(prefetch_factor)
-        self.jpeg_draft = bool(jpeg_draft)  # JPEGs decoded at a reduced DCT scale when far larger than needed
         self.mixture_cfg = [dict(m) for m in mixture] if mixture else None
         if self.mixture_cfg and self.urls is not None:
             raise ValueError("data.mixture and data.urls are both set: list every dataset in data.mixture (each with "
                              "its urls) and set data.urls=null")
         self.mixture: list[Any] | None = None
-        self.shard_cache_dir = shard_cache_dir  # local copies of remote shards (pipe:, s3://, http)
         buckets = dict(buckets or {})
-        self.buckets = None
+        spec_buckets = None
         if buckets.pop("enabled", False):
-
-            self.buckets = BucketSpec(resolution=self.resolution, **buckets)
+            spec_buckets = BucketSpec(resolution=int(stream["resolution"]), **buckets)
+        # placeholders until setup(): a mixture is resolved from its urls then; its checks need a resampled stream
+        self.spec = StreamSpec(**stream, buckets=spec_buckets)
         self.tokenizer: Any = None
         self.train_urls: list[str] | None = None
         self.val_url_list: list[str] | None = None
         self._epoch = 0
         self._resume: tuple[int, int] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The stream settings read as attributes: `datamodule.resolution`, `.batch_size`, `.seed`, ..."""
+        spec = self.__dict__.get("spec")
+        if spec is not None and name in StreamSpec.__dataclass_fields__:
+            return getattr(spec, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Give the data the model's tokenizer (must happen before ``setup``)."""
@@ -170,28 +160,10 @@ class ShardDataModule(L.LightningDataModule):
     def build_train_stream(self, urls: list[str], seed: int | None = None,
                            caption_dropout: float | None = None) -> ShardStream:
         """A training stream over `urls` with this module's settings (subclasses mix several of these)."""
-        return build_stream(
-            urls,
-            tokenizer=self.tokenizer,
-            resolution=self.resolution,
-            batch_size=self.batch_size,
-            caption_dropout=self.caption_dropout if caption_dropout is None else caption_dropout,
-            center_crop=self.center_crop,
-            random_flip=self.random_flip,
-            shuffle_buffer=self.shuffle_buffer,
-            resampled=self.resampled,
-            steps_per_epoch=self.steps_per_epoch,
-            seed=self.seed if seed is None else seed,
-            min_size=self.min_size,
-            epoch=self._current_epoch(),
-            kind=self.kind,
-            ties=self.ties,
-            cache=self.cache_expect,
-            jpeg_draft=self.jpeg_draft,
-            mixture=self.mixture,
-            buckets=self.buckets,
-            shard_cache_dir=self.shard_cache_dir,
-        )
+        spec = replace(self.spec, cache=self.cache_expect, mixture=tuple(self.mixture) if self.mixture else None,
+                       seed=self.seed if seed is None else seed,
+                       caption_dropout=self.caption_dropout if caption_dropout is None else caption_dropout)
+        return build_stream(urls, tokenizer=self.tokenizer, spec=spec, epoch=self._current_epoch())
 
     def train_dataloader(self) -> DataLoader:
         if self.train_urls is None:
@@ -210,22 +182,10 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_url_list is None:
             self.setup("validate")
         assert self.val_url_list is not None
-        stream = build_stream(
-            self.val_url_list,
-            tokenizer=self.tokenizer,
-            resolution=self.resolution,
-            batch_size=self.batch_size,
-            caption_dropout=0.0,
-            center_crop=True,
-            random_flip=False,
-            shuffle_buffer=0,
-            resampled=False,
-            steps_per_epoch=None,
-            seed=self.seed,
-            min_size=self.min_size,
-            kind=self.kind,
-            ties=self.ties,
-        )
+        spec = replace(self.spec, caption_dropout=0.0, center_crop=True, random_flip=False, shuffle_buffer=0,
+                       resampled=False, steps_per_epoch=None, cache=None, jpeg_draft=False, mixture=None, buckets=None,
+                       shard_cache_dir=None)
+        stream = build_stream(self.val_url_list, tokenizer=self.tokenizer, spec=spec)
         return self._loader(stream, min(self.num_workers, len(self.val_url_list)))  # a worker per shard at most
 
     def state_dict(self) -> dict[str, Any]:

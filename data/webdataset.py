@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -85,10 +85,12 @@ class MixSource:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What a stream reads and how; everything but the urls, tokenizer and placement."""
+    """What a stream reads and how: every data setting a stream uses, declared (with its default and its check)
+    here and nowhere else; conf/data/*.yaml says which ones users set. The urls, the tokenizer and the rank placement
+    come beside it."""
 
-    resolution: int
-    batch_size: int
+    resolution: int = 16
+    batch_size: int = 64
     caption_dropout: float = 0.1
     center_crop: bool = True
     random_flip: bool = False
@@ -107,6 +109,40 @@ class StreamSpec:
     mixture: tuple[MixSource, ...] | None = None  # several datasets by weight (then `urls` is unused)
     buckets: BucketSpec | None = None  # aspect-ratio buckets (data/buckets.py); None: square crops
     shard_cache_dir: str | None = None  # local copies of remote (pipe:, s3://, http) shards
+
+    def __post_init__(self) -> None:
+        coerce = {"resolution": int, "batch_size": int, "caption_dropout": float, "shuffle_buffer": int, "seed": int,
+                  "min_size": int, "image_keys": tuple, "center_crop": bool, "random_flip": bool, "resampled": bool,
+                  "jpeg_draft": bool, "allow_missing_caption": bool, "kind": str, "ties": str}
+        for name, kind in coerce.items():
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        if self.steps_per_epoch is not None:
+            object.__setattr__(self, "steps_per_epoch", int(self.steps_per_epoch))
+        if self.mixture:
+            object.__setattr__(self, "mixture", tuple(self.mixture))
+        if self.shard_cache_dir is not None:
+            object.__setattr__(self, "shard_cache_dir", str(self.shard_cache_dir))
+        self.check()
+
+    def check(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"build_stream: batch_size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"build_stream: caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.resampled and self.steps_per_epoch is None:
+            raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise ValueError(f"build_stream: steps_per_epoch must be positive, got {self.steps_per_epoch}")
+        if self.kind not in ("image", "pair", "coupling"):
+            raise ValueError(f"data.kind: '{self.kind}' is not one of image, pair, coupling")
+        if self.ties not in TIES:
+            raise ValueError(f"data.ties: '{self.ties}' is not one of {', '.join(TIES)}")
+        if self.buckets is not None and (self.kind != "image" or not self.resampled):
+            raise ValueError("data.buckets: needs data.kind=image and data.resampled=true (every rank then gets "
+                             "exactly steps_per_epoch batches, whatever the buckets)")
+        if self.mixture and not self.resampled:
+            raise ValueError("data.mixture needs data.resampled=true: each dataset is drawn by weight from an "
+                             "endless stream; set steps_per_epoch for the epoch length")
 
 
 class ShardStream(IterableDataset):
@@ -323,35 +359,9 @@ class StreamLoader(DataLoader):
         return iterator
 
 
-def build_stream(
-    urls: str | Sequence[str],
-    *,
-    tokenizer: Any,
-    resolution: int,
-    batch_size: int,
-    caption_dropout: float = 0.1,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    shuffle_buffer: int = 1000,
-    resampled: bool = True,
-    steps_per_epoch: int | None = None,
-    seed: int = 0,
-    image_keys: Sequence[str] = IMAGE_KEYS,
-    caption_key: str = "txt",
-    min_size: int = 0,
-    epoch: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    allow_missing_caption: bool = False,
-    kind: str = "image",
-    ties: str = "drop",
-    cache: dict[str, Any] | None = None,
-    jpeg_draft: bool = False,
-    mixture: Sequence[MixSource] | None = None,
-    buckets: BucketSpec | None = None,
-    shard_cache_dir: str | None = None,
-) -> ShardStream:
-    """A stream of collated batches from shards (see the module docstring).
+def build_stream(urls: str | Sequence[str], *, tokenizer: Any, spec: StreamSpec | None = None, epoch: int = 0,
+                 rank: int | None = None, world_size: int | None = None, **settings: Any) -> ShardStream:
+    """A stream of collated batches from shards (see the module docstring): `spec`, or its fields as keywords.
 
     ``urls`` is what the user configured; URLs are never taken from the data.
     Rank and world size are resolved here, in the main process, because
@@ -359,30 +369,12 @@ def build_stream(
     """
     if tokenizer is None:
         raise ValueError("build_stream: tokenizer is None; the tokenizer comes from the model")
-    if batch_size <= 0:
-        raise ValueError(f"build_stream: batch_size must be positive, got {batch_size}")
-    if not 0.0 <= caption_dropout <= 1.0:
-        raise ValueError(f"build_stream: caption_dropout must be in [0, 1], got {caption_dropout}")
-    if resampled and steps_per_epoch is None:
-        raise ValueError("build_stream: resampled=True is an endless stream; set steps_per_epoch")
-    if steps_per_epoch is not None and steps_per_epoch <= 0:
-        raise ValueError(f"build_stream: steps_per_epoch must be positive, got {steps_per_epoch}")
-    if kind not in ("image", "pair", "coupling"):
-        raise ValueError(f"data.kind: '{kind}' is not one of image, pair, coupling")
-    if ties not in TIES:
-        raise ValueError(f"data.ties: '{ties}' is not one of {', '.join(TIES)}")
-    spec = StreamSpec(
-        resolution=int(resolution), batch_size=int(batch_size), caption_dropout=float(caption_dropout),
-        center_crop=center_crop, random_flip=random_flip, shuffle_buffer=int(shuffle_buffer), resampled=resampled,
-        steps_per_epoch=steps_per_epoch, seed=int(seed), image_keys=tuple(image_keys), caption_key=caption_key,
-        min_size=int(min_size), allow_missing_caption=allow_missing_caption, kind=kind, ties=ties, cache=cache,
-        jpeg_draft=bool(jpeg_draft), mixture=tuple(mixture) if mixture else None, buckets=buckets,
-        shard_cache_dir=None if shard_cache_dir is None else str(shard_cache_dir),
-    )
-    if buckets is not None and (kind != "image" or not resampled):
-        raise ValueError("data.buckets: needs data.kind=image and data.resampled=true (every rank then gets exactly "
-                         "steps_per_epoch batches, whatever the buckets)")
-    if mixture and not resampled:
-        raise ValueError("data.mixture needs data.resampled=true: each dataset is drawn by weight from an endless "
-                         "stream; set steps_per_epoch for the epoch length")
-    return ShardStream([] if mixture else expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size), epoch=epoch)
+    if spec is None:
+        unknown = sorted(set(settings) - set(StreamSpec.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"build_stream: unknown setting(s) {unknown}; the settings are StreamSpec's fields")
+        spec = StreamSpec(**settings)
+    elif settings:
+        spec = replace(spec, **settings)
+    return ShardStream([] if spec.mixture else expand_urls(urls), spec, tokenizer, *rank_and_world(rank, world_size),
+                       epoch=epoch)

@@ -209,10 +209,10 @@ def test_collate_needs_tokenizer_or_ids():
 
 
 def test_datamodule_checks_paths_then_tokenizer(tmp_path, digits, tokenizer):
-    dm = ShardDataModule(urls=str(tmp_path / "missing-*.tar"))
+    dm = ShardDataModule(urls=str(tmp_path / "missing-*.tar"), steps_per_epoch=10)
     with pytest.raises(FileNotFoundError, match="no shard at"):
         dm.setup("fit")  # a wrong path fails first, with or without a tokenizer
-    dm = ShardDataModule(urls=digits)
+    dm = ShardDataModule(urls=digits, steps_per_epoch=10)
     with pytest.raises(RuntimeError, match="set_tokenizer"):
         dm.setup("fit")
     dm.set_tokenizer(tokenizer)
@@ -240,7 +240,7 @@ def test_datamodule_val_is_one_deterministic_pass(digits, tokenizer):
     from omegaconf import OmegaConf
 
     val = OmegaConf.create({"u": [str(Path(digits) / "digits-000000.tar")]}).u  # Hydra hands a ListConfig
-    dm = ShardDataModule(urls=digits, val_urls=val, batch_size=100, num_workers=0, caption_dropout=1.0)
+    dm = ShardDataModule(urls=digits, val_urls=val, batch_size=100, num_workers=0, caption_dropout=1.0, steps_per_epoch=10)
     dm.set_tokenizer(tokenizer)
     dm.setup("fit")
     first, second = list(dm.val_dataloader()), list(dm.val_dataloader())

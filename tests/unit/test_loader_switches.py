@@ -32,12 +32,12 @@ def test_jpeg_draft_decodes_smaller_and_gives_nearly_the_same_training_image():
 
 
 def test_loader_switches_reach_the_dataloader(tmp_path):
-    dm = ShardDataModule(urls=None, num_workers=2, pin_memory=True, prefetch_factor=4, jpeg_draft=True)
+    dm = ShardDataModule(urls=None, steps_per_epoch=10, num_workers=2, pin_memory=True, prefetch_factor=4, jpeg_draft=True)
     loader = dm._loader(torch.utils.data.TensorDataset(torch.zeros(2)), 2)
     assert loader.pin_memory and loader.prefetch_factor == 4
     assert dm._loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0).prefetch_factor is None
     with pytest.raises(ValueError, match="data.prefetch_factor=0"):
-        ShardDataModule(prefetch_factor=0)
+        ShardDataModule(prefetch_factor=0, steps_per_epoch=10)
 
 
 def test_remote_shards_are_cached_locally_once_and_reread(tmp_path):
