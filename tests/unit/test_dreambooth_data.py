@@ -102,6 +102,8 @@ def test_dreambooth_loss_weights_the_prior_half(monkeypatch):
     # the loop's one reduction (mean) gives instance mean + weight * class mean: 2 + 0.5 * 15
     assert out["loss"].mean().item() == pytest.approx(2.0 + 0.5 * 15.0)
     assert out["instance_loss"].item() == pytest.approx(2.0) and out["prior_loss"].item() == pytest.approx(15.0)
+    only_class = DreamBooth(prior_loss_weight=0.5).loss({"is_prior": torch.ones(4, dtype=torch.bool)}, None)
+    assert only_class["loss"].mean().item() == pytest.approx(0.5 * 8.5)  # no division by zero instance rows
 
 
 def test_several_class_prompts_caption_each_class_image_with_its_own(tmp_path):

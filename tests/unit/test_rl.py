@@ -243,3 +243,28 @@ def test_ddpo_rollout_count_matches_steps_per_rollout(tiny_cfg):
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert module.method.steps_per_rollout(len(captions)) == 2
     assert trainer.global_step == 4 and module.method.rollouts == 4 // 2
+
+
+def test_ddpo_resumes_mid_rollout_on_the_same_transitions(tiny_cfg):
+    """The stored rollout and its remaining units go through a (weights-only) checkpoint: the resumed method's next
+    loss is the uninterrupted one's, not a fresh rollout's."""
+    import io
+
+    from train.build import build_module
+
+    overrides = ("experiment=ddpo", "method.sample_steps=3", "method.samples_per_prompt=2", "method.minibatch=2")
+    module = build_module(tiny_cfg(*overrides))
+    captions = ["a handwritten digit one", "a handwritten digit two"]
+    ids = module.components.tokenizer(captions, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "captions": captions}
+    module.noise_generator.manual_seed(0)
+    module.method.loss(batch, module)  # rollout + first unit
+    buf = io.BytesIO()
+    torch.save(module.method.state_dict(module), buf)
+    buf.seek(0)
+    resumed = build_module(tiny_cfg(*overrides))
+    resumed.unet.load_state_dict(module.unet.state_dict())
+    resumed.method.load_state_dict(torch.load(buf, weights_only=True), resumed)
+    assert resumed.method.rollouts == 1 and len(resumed.method.units) == len(module.method.units) > 0
+    expect, got = module.method.loss(batch, module), resumed.method.loss(batch, resumed)
+    torch.testing.assert_close(got["loss"], expect["loss"])

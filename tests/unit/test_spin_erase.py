@@ -77,7 +77,8 @@ def test_spin_starts_each_iteration_at_log2_and_refreshes_the_opponent(tiny_cfg)
 
 
 @pytest.mark.parametrize("bad, match", [("method.guidance=1.0", "erasing needs a negative guidance"),
-                                        ("method.params=everything", "method.params: 'everything'")])
+                                        ("method.params=everything", "method.params: 'everything'"),
+                                        ("method.sample_steps=1", "method.sample_steps=1: erasure stops")])
 def test_bad_erasure_settings_are_one_line(tiny_cfg, bad, match):
     with pytest.raises(Exception, match=match):
         build_module(tiny_cfg("experiment=erase", "method.concept=a seven", bad))

@@ -63,6 +63,19 @@ class DDPO(Method):
         uncond = encode(module.empty_prompt_ids(ids.shape[0])) if self.guidance > 1 else None
         return cond, uncond
 
+    def state_dict(self, module) -> dict[str, Any]:
+        """The rollout in progress (stored trajectories and the training units left), so a run resumed mid-rollout
+        trains on the same transitions in the same order as an uninterrupted one, and the counters go on."""
+        return {"units": [(idx.cpu(), int(j)) for idx, j in self.units],
+                "buffer": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.buffer.items()},
+                "rollouts": self.rollouts, "rollout_seconds": self.seconds["rollout"]}
+
+    def load_state_dict(self, state: dict[str, Any], module) -> None:
+        self.units = [(idx.to(module.device), int(j)) for idx, j in state.get("units", [])]
+        self.buffer = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in state.get("buffer", {}).items()}
+        self.rollouts = int(state.get("rollouts", 0))
+        self.seconds["rollout"] = float(state.get("rollout_seconds", 0.0))
+
     def steps_per_rollout(self, prompts: int) -> int:
         """Optimizer steps one rollout of `prompts` prompts feeds: its trajectories split into minibatches, each
         trained on `train_timesteps` timesteps accumulated into one step, for `inner_epochs` passes."""

@@ -28,10 +28,13 @@ class DreamBooth(Denoise):
             return out
         prior = prior.to(out["loss"].device)
         per_sample = out["loss"]
-        out["instance_loss"] = per_sample[~prior].detach().mean()
-        out["prior_loss"] = per_sample[prior].detach().mean()
-        # A [B] vector whose mean (the loop's one reduction) is instance mean + weight x class mean.
         n, n_prior = per_sample.shape[0], int(prior.sum())
+        out["prior_loss"] = per_sample[prior].detach().mean()
+        if n_prior == n:  # only class images in this batch: their weighted mean alone
+            out["loss"] = per_sample * self.prior_loss_weight
+            return out
+        out["instance_loss"] = per_sample[~prior].detach().mean()
+        # A [B] vector whose mean (the loop's one reduction) is instance mean + weight x class mean.
         scale = torch.where(prior, self.prior_loss_weight * n / n_prior, n / (n - n_prior))
         out["loss"] = per_sample * scale.to(per_sample.dtype)
         return out

@@ -45,6 +45,9 @@ class ConceptErasure(Method):
             raise ValueError(f"method.guidance={guidance}: erasing needs a negative guidance (or set method.anchor "
                              "to pull the concept toward another prompt)")
         self.concept, self.guidance, self.anchor, self.params = str(concept), float(guidance), anchor, params
+        if int(sample_steps) < 2:
+            raise ValueError(f"method.sample_steps={sample_steps}: erasure stops the sampler at a random step in "
+                             "1..sample_steps-1; give 2 or more")
         self.sample_steps, self.sample_guidance = int(sample_steps), float(sample_guidance)
         self.preserve = [str(p) for p in preserve or [] if str(p) != self.concept]
         if self.preserve and preserve_empty_prompt and "" not in self.preserve:
