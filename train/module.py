@@ -24,7 +24,7 @@ from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
 from models.tokens import tokenize
 from train.diffusion import DiffusionCore
-from train.methods.base import Method
+from train.methods.base import Method, MethodView
 from train.nonfinite import NonFiniteError, StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
 from train.strategies import accumulation_boundary, full_parameters, is_deepspeed, step_rejected_by_strategy
@@ -81,7 +81,8 @@ class DiffusionModule(L.LightningModule):
         # a child module: its projector trains and is checkpointed; the frozen encoder is held beside it
         self.repa = RepresentationAlignment(self.unet, load_encoder(encoder), **repa) if encoder else None
         core.require(method.objectives, f"method={method.name}", method.objective_hint)
-        method.setup(self)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
+        self.view = MethodView(self)  # what the method sees of this module (train/methods/base.py)
+        method.setup(self.view)  # may freeze parameters (erasure trains cross-attention only) or copy a reference
         self._frozen_fingerprint = self.frozen_fingerprint()
 
     def _hold(self, name: str, model: torch.nn.Module | None) -> None:
@@ -207,6 +208,37 @@ class DiffusionModule(L.LightningModule):
             self._generator = torch.Generator(device=self.device)
         return self._generator
 
+    # ----- services a method may use (train/methods/base.py METHOD_INTERFACE) -----
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def kept_patches(self) -> torch.Tensor | None:
+        """The patch indices the current masked forward keeps (None without masking)."""
+        return self.masking.kept if self.masking is not None else None
+
+    @property
+    def world_size(self) -> int:
+        trainer = self._trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    @property
+    def accumulate_grad_batches(self) -> int | None:
+        """Micro-batches per optimizer step (None outside `fit`)."""
+        trainer = self._trainer
+        return int(trainer.accumulate_grad_batches) if trainer is not None else None
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` from every rank, stacked on a new first dimension ([world, ...]); as is on one process."""
+        return self.all_gather(tensor) if self.world_size > 1 else tensor[None]
+
+    def register_trainable(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
+        """A network the method trains beside the denoiser (VSD's fake score): part of the optimizer, the strategy's
+        sharding and the checkpoints."""
+        self.add_module(name, model)
+        return model
+
     @property
     def attached_trainer(self):
         """The trainer, or None outside `fit` (methods called directly by tests and tools)."""
@@ -268,7 +300,7 @@ class DiffusionModule(L.LightningModule):
         self.noise_generator.manual_seed(
             derive_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
         with self.micro_conditioning(batch.get("time_ids")):
-            out = self.method.loss(batch, self)
+            out = self.method.loss(batch, self.view)
         loss = out["loss"].mean()
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:  # on any rank: every rank backpropagates a zero loss and drops the optimizer step
@@ -308,7 +340,7 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.global_step != self._last_method_step:  # an optimizer step happened (accumulation-aware)
             self._last_method_step = self.global_step
-            self.method.on_step_end(self)
+            self.method.on_step_end(self.view)
 
     def _fp16(self) -> bool:
         return str(self.trainer.precision).startswith("16")
@@ -391,14 +423,14 @@ class DiffusionModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts), "nonfinite_total": self.guard.total,
                                  "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
-                                 "method": self.method.state_dict(self)}
+                                 "method": self.method.state_dict(self.view)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
         self.skipped = Counter(state.get("skipped", {}))
         self.source_counts = Counter(state.get("source_counts", {}))
         self.guard.total = int(state.get("nonfinite_total", 0))
-        self.method.load_state_dict(state.get("method") or {}, self)
+        self.method.load_state_dict(state.get("method") or {}, self.view)
         if "state_dict" in checkpoint:  # DeepSpeed restores the weights from its own shards, not from this dict
             check_state_dict(self, checkpoint["state_dict"], state.get("frozen_fingerprint"))
         else:

@@ -5,7 +5,9 @@ expects, and must: return {"loss": [B], ...tensors} with a finite, differentiabl
 module's trainable parameters (at least one of them non-zero) and none into a frozen network (the encoders held
 outside the tree, the reference, a method's own target or reward); and hand its state through a checkpoint (the
 `weights_only=True` load every checkpoint read uses) to a freshly built module, which reports the same state back.
-A method config without a case below fails `test_every_method_config_has_a_contract_case`.
+Every hook gets `module.view` (train/methods/base.py's `MethodView`), so a method touching a member of the module
+outside `METHOD_INTERFACE` (the Trainer, Lightning internals) fails here. A method config without a case below fails
+`test_every_method_config_has_a_contract_case`.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def advance_progressive(module) -> None:
 def advance_lcm(module) -> None:
     """An optimizer step, then the method's own hook: the EMA target moves toward the student."""
     _sgd_step(module)
-    module.method.on_step_end(module)
+    module.method.on_step_end(module.view)
 
 
 @dataclass
@@ -228,7 +230,7 @@ def test_method_keeps_the_contract(name, tiny_cfg, teacher):
     # 1. loss: {"loss": [B] finite with a graph, every other value a tensor}
     batch = case.batch(module)
     module.noise_generator.manual_seed(0)
-    out = method.loss(batch, module)
+    out = method.loss(batch, module.view)  # the restricted view the loop hands it: only METHOD_INTERFACE
     assert isinstance(out, dict) and "loss" in out, f"{name}: loss() must return a dict with 'loss'"
     loss = out["loss"]
     assert isinstance(loss, torch.Tensor) and loss.shape == (case.samples,), \
@@ -259,17 +261,28 @@ def test_method_keeps_the_contract(name, tiny_cfg, teacher):
     # 3. state: through a checkpoint into a freshly built module, reported back unchanged
     if case.advance is not None:
         case.advance(module)
-    state = method.state_dict(module)
+    state = method.state_dict(module.view)
     assert isinstance(state, dict) and case.state_keys <= state.keys(), \
         f"{name}: state {sorted(state)} lacks {sorted(case.state_keys - state.keys())}"
     module2 = build_module(tiny_cfg(*overrides))
     method2 = module2.method
-    fresh = method2.state_dict(module2)
+    fresh = method2.state_dict(module2.view)
     if case.advance is not None:
         moved_on = not _same(fresh, state)
         assert moved_on, f"{name}: the advanced state equals a fresh one; the round trip proves nothing"
-    method2.load_state_dict(_through_checkpoint(state), module2)
-    back = method2.state_dict(module2)
+    method2.load_state_dict(_through_checkpoint(state), module2.view)
+    back = method2.state_dict(module2.view)
     assert back.keys() == state.keys(), f"{name}: state keys {sorted(state)} came back as {sorted(back)}"
     kept = _same(back, state)
     assert kept, f"{name}: the state changed on its way through a checkpoint"
+
+
+def test_the_method_view_refuses_what_is_not_in_the_interface(tiny_cfg):
+    module = build_module(tiny_cfg())
+    view = module.view
+    assert view.unet is module.unet and view.world_size == 1 and view.method_name == "denoise"
+    for lightning_internal in ("trainer", "all_gather", "add_module", "log", "optimizers"):
+        with pytest.raises(AttributeError, match="METHOD_INTERFACE"):
+            getattr(view, lightning_internal)
+    with pytest.raises(AttributeError, match="cannot set"):
+        view.unet = None

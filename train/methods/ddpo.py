@@ -97,8 +97,7 @@ class DDPO(Method):
         rewards = self.reward(images, prompts).float()
         ok, bad = finite_rewards(rewards)
         pids = torch.tensor([prompt_id(p) for p in prompts], device=module.device)
-        trainer = module.attached_trainer
-        gather = module.all_gather if trainer is not None and trainer.world_size > 1 else None
+        gather = module.gather if module.world_size > 1 else None
         safe = torch.where(ok, rewards, torch.zeros_like(rewards))
         adv = per_prompt_advantages(safe, pids, gather) if ok.any() else torch.zeros_like(rewards)
         adv = torch.where(ok, adv.clamp(-self.adv_clip_max, self.adv_clip_max), torch.zeros_like(adv))
@@ -120,8 +119,7 @@ class DDPO(Method):
         self.seconds["rollout"] += time.perf_counter() - t0
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
-        trainer = module.attached_trainer
-        accum = trainer.accumulate_grad_batches if trainer is not None else self.train_timesteps
+        accum = module.accumulate_grad_batches or self.train_timesteps
         if accum != self.train_timesteps:
             raise ValueError(f"method=ddpo: trainer.accumulate_grad_batches={accum} must equal the timesteps trained "
                              f"per trajectory ({self.train_timesteps}); one optimizer step per minibatch")

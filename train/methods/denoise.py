@@ -28,9 +28,9 @@ def denoising_loss(module, x0: torch.Tensor, input_ids: torch.Tensor | None, noi
         if repa is not None:
             images = images if images is not None else (x0 if module.vae is None else None)
             if images is None:
-                raise ValueError(f"repa.encoder: method={module.method.name} gives no clean images to align with on "
+                raise ValueError(f"repa.encoder: method={module.method_name} gives no clean images to align with on "
                                  "a latent model; set repa.encoder=null for it")
-            out["repa_loss"] = repa.loss(images, d.x_t.shape, module.masking.kept if mask is not None else None)
+            out["repa_loss"] = repa.loss(images, d.x_t.shape, module.kept_patches if mask is not None else None)
             loss = loss + out["repa_loss"]
     return {"loss": loss, "timestep": d.t.float(), **out}
 

@@ -38,7 +38,8 @@ class VSD(Method):
         score = copy.deepcopy(module.unet)
         apply_adapter(Components(score, module.text_encoder, None, None),
                       AdapterSpec(kind="lora", rank=self.fake_rank, target="attn_mlp"))
-        module.add_module("fake_score", score)  # trained, so it belongs to the module (optimizer, checkpoints)
+        # trained, so it belongs to the module (optimizer, sharding, checkpoints); the method keeps a handle
+        self.fake_score = module.register_trainable("fake_score", score)
 
     def _generate(self, module, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = torch.full((noise.shape[0],), module.core.num_timesteps - 1, device=noise.device, dtype=torch.long)
@@ -46,7 +47,7 @@ class VSD(Method):
         return module.core.predict_x0(noise, out, t)
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
-        core, gen, score = module.core, module.noise_generator, module.fake_score
+        core, gen, score = module.core, module.noise_generator, self.fake_score
         ids = batch["input_ids"]
         n = ids.shape[0]
         cond = module.encode_text(ids)
