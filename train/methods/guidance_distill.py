@@ -44,5 +44,5 @@ class GuidanceDistill(Method):
             cond, uncond = ref.encode_text(ids), ref.encode_text(module.empty_prompt_ids(n))
             target = guided(ref.unet, d.x_t, d.t, cond, uncond, g)
         w_emb = guidance_embedding(g - 1.0, self.w_dim).to(x0.dtype)
-        pred = module.unet(d.x_t, d.t, encoder_hidden_states=module.encode_text(ids), timestep_cond=w_emb).sample
+        pred = module.unet(d.x_t, d.t, encoder_hidden_states=module.batch_context(batch), timestep_cond=w_emb).sample
         return {"loss": core.per_sample_error(pred, target), "guidance": g}

@@ -76,7 +76,8 @@ class LCM(Method):
         d = core.noised(x0, gen, t=t)
         w = self._w(n, module)
         w_emb = guidance_embedding(w, self.w_dim).to(x0.dtype) if self.w_dim else None
-        pred = self._f(module.unet, core, d.x_t, t, module.encode_text(ids), w_emb)
+        context = module.batch_context(batch)  # the cached text context when the shards carry one
+        pred = self._f(module.unet, core, d.x_t, t, context, w_emb)
         with torch.no_grad():
             with module.reference() as ref:
                 cond, uncond = ref.encode_text(ids), ref.encode_text(module.empty_prompt_ids(n))
@@ -91,7 +92,7 @@ class LCM(Method):
             target_net = self.target if self.target is not None else module.unet
             if self.target is not None and next(self.target.parameters()).device != x0.device:
                 self.target = target_net = self.target.to(x0.device)
-            target = self._f(target_net, core, x_prev, t_tgt, module.encode_text(ids).detach(), w_emb)
+            target = self._f(target_net, core, x_prev, t_tgt, context.detach(), w_emb)
         return {"loss": core.per_sample_error(pred, target), "timestep": t.float()}
 
     @torch.no_grad()

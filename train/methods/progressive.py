@@ -74,7 +74,7 @@ class Progressive(Method):
             x_target = two_step_target(core, d.x_t, t, z, tt)
             eps_target = vp_eps_from_x0(d.x_t, x_target, core.alphas_cumprod(t).view(-1, 1, 1, 1))
             v_target = core.target(x_target, eps_target, t)
-        pred = module.unet(d.x_t, t, encoder_hidden_states=module.encode_text(ids)).sample
+        pred = module.unet(d.x_t, t, encoder_hidden_states=module.batch_context(batch)).sample
         return {"loss": core.per_sample_error(pred, v_target), "student_steps": torch.tensor(float(self.student_steps))}
 
     def on_step_end(self, module) -> None:

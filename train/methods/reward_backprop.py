@@ -42,7 +42,7 @@ class RewardBackprop(Method):
 
     def loss(self, batch: dict[str, Any], module) -> dict[str, torch.Tensor]:
         ids, prompts = batch["input_ids"], batch["captions"]
-        cond = module.encode_text(ids)
+        cond = module.batch_context(batch)  # the cached text context when the shards carry one
         uncond = module.encode_text(module.empty_prompt_ids(ids.shape[0])) if self.guidance > 1 else None
 
         def predict(x, t):

@@ -50,7 +50,7 @@ class VSD(Method):
         core, gen, score = module.core, module.noise_generator, self.fake_score
         ids = batch["input_ids"]
         n = ids.shape[0]
-        cond = module.encode_text(ids)
+        cond = module.batch_context(batch)  # the cached text context when the shards carry one
         size, ch = module.components.sample_size, module.components.in_channels
         noise = batch.get("noise")
         if noise is None:
