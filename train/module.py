@@ -6,10 +6,8 @@ accounting. EMA, sampling, evaluation and throughput live in callbacks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import lightning as L
@@ -17,7 +15,6 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from data.webdataset import derive_seed
-from models.adapters import adapters_disabled, has_peft_adapter
 from models.components import Components, vae_moments
 from models.fingerprint import CHECKPOINT_DIGITS, weights_fingerprint
 from models.masking import PatchMasking
@@ -27,7 +24,8 @@ from train.diffusion import DiffusionCore
 from train.methods.base import Method, MethodView
 from train.nonfinite import NonFiniteError, StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
-from train.strategies import accumulation_boundary, full_parameters, is_deepspeed, step_rejected_by_strategy
+from train.reference import FrozenReference
+from train.strategies import accumulation_boundary, is_deepspeed, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DiffusionModule", "NonFiniteError", "Reference"]
 
 
-@dataclass
-class Reference:
-    """The frozen base model, as `with module.reference() as ref:` hands it to a method (no gradients)."""
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
-
-
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(FrozenReference, L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
                  max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None,
@@ -246,51 +234,6 @@ class DiffusionModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    # ----- the frozen reference (DPO, SPIN, erasure, distillation teachers) -----
-    def require_reference(self, copy_weights: bool = False) -> None:
-        """Called by a method's `setup` when it needs the frozen base. With an adapter, the base is the same weights
-        with the adapter switched off (no copy); otherwise, or with `copy_weights` (an opponent that must follow the
-        trained weights, SPIN), a frozen copy is made now, before any training step, outside every engine."""
-        if self._reference_copy or (self.has_adapter and not copy_weights):
-            return
-        self._reference_copy["unet"] = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        trains_text = any(p.requires_grad for p in self.text_encoder.parameters())
-        self._reference_copy["text_encoder"] = (copy.deepcopy(self.text_encoder).requires_grad_(False).eval()
-                                                if trains_text else self.text_encoder)
-
-    def refresh_reference(self) -> None:
-        """The frozen copy becomes the current weights (SPIN: the opponent is the previous iterate)."""
-        for name in ("unet", "text_encoder"):
-            ref, live = self._reference_copy.get(name), getattr(self, name)
-            if ref is not None and ref is not live:
-                with full_parameters(self, list(live.parameters())):  # whole tensors under ZeRO-3/FSDP
-                    ref.load_state_dict(live.state_dict())
-
-    def reference_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self._reference_copy["unet"].state_dict().items()}
-
-    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._reference_copy["unet"].load_state_dict(state)
-
-    @property
-    def has_adapter(self) -> bool:
-        return has_peft_adapter(self.unet) or has_peft_adapter(self.text_encoder)
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[Reference]:
-        """The frozen base for the block: `with module.reference() as ref: ref.unet(...)`."""
-        if self._reference_copy:
-            for name, model in self._reference_copy.items():
-                if next(model.parameters()).device != self.device:
-                    self._reference_copy[name] = model.to(self.device)
-            with torch.no_grad():
-                yield Reference(self._reference_copy["unet"], self._reference_copy["text_encoder"])
-        elif self.has_adapter:
-            with adapters_disabled(self.unet, self.text_encoder), torch.no_grad():
-                yield Reference(self.unet, self.text_encoder)
-        else:
-            raise RuntimeError("module.reference(): the method must call module.require_reference() in its setup")
 
     # ----- the loop -----
     def training_step(self, batch: dict[str, Any], batch_idx: int):
