@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import logging
 
-import lightning as L
 import torch
 
 from callbacks.ema import inference_weights, samples_here
+from callbacks.periodic import EveryNSteps
 from callbacks.sample_images import run_dir
 from models.export import make_pipeline
 from train.digits_eval import evaluate_digits
@@ -15,7 +15,7 @@ from train.digits_eval import evaluate_digits
 log = logging.getLogger(__name__)
 
 
-class DigitsEval(L.Callback):
+class DigitsEval(EveryNSteps):
     def __init__(self, every_n_steps: int = 0, guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0, 5.0),
                  n_per_digit: int = 20, num_inference_steps: int = 25, seed: int = 1234, use_ema: bool = True,
                  sampler: str = "ddim"):
@@ -29,14 +29,8 @@ class DigitsEval(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self._last = -1
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every and step % self.every == 0 and step != self._last:
-            self.evaluate(trainer, module)
-
-    def on_train_end(self, trainer, module) -> None:
-        if trainer.global_step != self._last:
-            self.evaluate(trainer, module)
+    def run(self, trainer, module):
+        return self.evaluate(trainer, module)
 
     @torch.no_grad()
     def evaluate(self, trainer, module) -> dict[str, float]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import torch
 from PIL import Image
 
 from callbacks.ema import inference_weights, samples_here
+from callbacks.periodic import EveryNSteps
+from callbacks.wandb_log import log_samples_table
 from models.export import make_pipeline
 from models.pipeline import to_uint8_grid
-from callbacks.wandb_log import log_samples_table
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def run_dir(trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-class SampleImages(L.Callback):
+class SampleImages(EveryNSteps):
     def __init__(self, prompts: list[str], every_n_steps: int = 500, seeds: list[int] | tuple[int, ...] = (0, 1),
                  num_inference_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim",
                  use_ema: bool = True):
@@ -34,14 +34,8 @@ class SampleImages(L.Callback):
         self.use_ema = use_ema
         self._last = -1
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every and step % self.every == 0 and step != self._last:
-            self.sample(trainer, module)
-
-    def on_train_end(self, trainer, module) -> None:
-        if trainer.global_step != self._last:
-            self.sample(trainer, module)
+    def run(self, trainer, module):
+        return self.sample(trainer, module)
 
     @torch.no_grad()
     def sample(self, trainer, module) -> Path | None:

@@ -73,3 +73,25 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any], module: "DiffusionModule") -> None:  # noqa: B027
         pass
+
+
+class RefreshedReference(Method):
+    """A method whose frozen reference becomes the trained weights now and then (SPIN's opponent each iteration,
+    progressive distillation's teacher each round). Its state: the counter and, once it moved, the reference's weights,
+    so a resumed run goes on against the same reference."""
+
+    counter = "round"              # the attribute (and state key) that counts refreshes
+    reference_key = "reference"    # the state key of the reference's weights
+
+    def state_dict(self, module) -> dict[str, Any]:
+        n = int(getattr(self, self.counter))
+        state: dict[str, Any] = {self.counter: n}
+        if n > 0:
+            state[self.reference_key] = module.reference_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], module) -> None:
+        setattr(self, self.counter, int(state.get(self.counter, 0)))
+        if self.reference_key in state:
+            module.load_reference_state(state[self.reference_key])
+

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from train.diffusion import vp_eps_from_x0
-from train.methods.base import Method
+from train.methods.base import RefreshedReference
 from train.sampling import guided
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ def two_step_target(core, z_t: torch.Tensor, t: torch.Tensor, z_end: torch.Tenso
     return (z_end - ratio * z_t) / (a_e - ratio * a_t)
 
 
-class Progressive(Method):
+class Progressive(RefreshedReference):
     name = "progressive"
+    counter, reference_key = "round", "teacher"  # state: the round and, from round 1, its teacher
     objectives = ("v_prediction",)
     objective_hint = ("convert the teacher first (model.prediction_type=v_prediction, a short continued training) or "
                       "set it for the student")
@@ -84,13 +85,3 @@ class Progressive(Method):
             log.info("progressive: round %d (student %d steps, teacher %d) starts at step %d", self.round,
                      self.student_steps, 2 * self.student_steps, module.global_step)
 
-    def state_dict(self, module) -> dict[str, Any]:
-        state: dict[str, Any] = {"round": self.round}
-        if self.round > 0:
-            state["teacher"] = module.reference_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any], module) -> None:
-        self.round = int(state.get("round", 0))
-        if "teacher" in state:
-            module.load_reference_state(state["teacher"])

@@ -18,15 +18,16 @@ from typing import Any
 import torch
 
 from train.diffusion import preference_loss
-from train.methods.base import Method
+from train.methods.base import RefreshedReference
 from train.methods.dpo import pair_errors
 from train.sampling import ddim_scheduler, guided, sample
 
 log = logging.getLogger(__name__)
 
 
-class SPIN(Method):
+class SPIN(RefreshedReference):
     name = "spin"
+    counter, reference_key = "iteration", "opponent"  # state: the iteration and, from 1, its opponent
 
     def __init__(self, beta: float = 2000.0, steps_per_iteration: int = 200, sample_steps: int = 10,
                  sample_guidance: float = 1.0, sft_weight: float = 1000.0):
@@ -66,14 +67,3 @@ class SPIN(Method):
             log.info("spin: iteration %d starts at step %d; the opponent is now the current model", self.iteration,
                      module.global_step)
 
-    def state_dict(self, module) -> dict[str, Any]:
-        """The opponent's weights from iteration 1 on: a resumed run continues against the same opponent."""
-        state: dict[str, Any] = {"iteration": self.iteration}
-        if self.iteration > 0:
-            state["opponent"] = module.reference_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any], module) -> None:
-        self.iteration = int(state.get("iteration", 0))
-        if "opponent" in state:
-            module.load_reference_state(state["opponent"])
