@@ -34,7 +34,6 @@ class DigitsEval(EveryNSteps):
 
     @torch.no_grad()
     def evaluate(self, trainer, module) -> dict[str, float]:
-
         self._last = trainer.global_step
         if not samples_here(trainer):
             return {}

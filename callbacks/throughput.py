@@ -38,7 +38,6 @@ class Throughput(L.Callback):
         self._samples = 0
 
     def on_fit_start(self, trainer, module) -> None:
-
         self.peak = peak_tflops(module.device, self.peak_override)
         devices = [module.device] if module.device.type == "cuda" else []
         was_training = module.unet.training

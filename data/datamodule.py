@@ -120,7 +120,6 @@ class ShardDataModule(L.LightningDataModule):
 
     @staticmethod
     def _manifest(urls: list[str]) -> dict[str, Any] | None:
-
         path = manifest_path(urls)
         return read_manifest(path) if path is not None else None
 
@@ -139,7 +138,6 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def cache_expect(self) -> dict[str, Any] | None:
-
         manifest = getattr(self, "cache_manifest", None)
         return expected_shapes(manifest) if manifest else None
 

@@ -22,7 +22,6 @@ from models.backbones import is_dit
 
 class PatchMasking:
     def __init__(self, model: torch.nn.Module, ratio: float, mixer_layers: int = 1, unmasked_from: float = 0.8):
-
         if not is_dit(model):
             raise ValueError(f"masking.ratio={ratio}: patch masking needs a DiT/PixArt transformer backbone "
                              f"(model=dit_tiny or a PixArt folder), not a {type(model).__name__}; set masking.ratio=0")

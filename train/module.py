@@ -257,7 +257,6 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         return loss
 
     def _schedule_free(self, train: bool) -> None:
-
         trainer = self.attached_trainer
         for opt in (trainer.optimizers if trainer is not None else []):
             schedule_free_mode(opt, train)
@@ -267,7 +266,10 @@ class DiffusionModule(FrozenReference, L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         boundary = accumulation_boundary(self.trainer.strategy)  # DeepSpeed steps only on its own boundary
-        if optimizer_closure is not None:
+        if optimizer_closure is not None and not self._fp16() and not is_deepspeed(self.trainer.strategy):
+            # this optimizer runs the closure inside `step`, after its pre-hooks: a rejected step is dropped there.
+            # (A GradScaler and DeepSpeed step the optimizer after the closure: the pre-hook drops it, and the scaler
+            # still finds the gradients it must unscale.)
             optimizer_closure = self.guard.wrap_closure(optimizer, optimizer_closure)
         self._schedule_free(train=True)  # its step (which runs the closure) must start in training mode
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -327,7 +329,6 @@ class DiffusionModule(FrozenReference, L.LightningModule):
 
     # ----- optimizer -----
     def configure_optimizers(self):
-
         params = self.trainable_parameters()
         if not params:
             raise ValueError("optimizer: the model has no trainable parameters; check model/adapter settings")

@@ -68,7 +68,6 @@ class DigitsLogProb(Reward):
     differentiable = True
 
     def __init__(self, judge=None):
-
         self.judge = judge or DigitJudge.cached()
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -231,7 +230,6 @@ def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, gathe
 
 
 def prompt_id(prompt: str) -> int:
-
     return derive_seed("prompt", prompt) % (2**62)
 
 

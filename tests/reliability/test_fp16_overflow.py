@@ -46,3 +46,35 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues(tiny_cfg)
     assert s2 < s1, "the scaler lowers the scale after an overflow"
     assert any(not torch.equal(a, b) for a, b in zip(w2, w3)), "the next good step trains"
     assert module.nonfinite_total == 0  # handled by the scaler, not by the NaN guard
+
+
+class NaNAt(Spiky):
+    """NaN added to the loss on chosen calls: the guard's zero loss gives finite (zero) gradients, so the scaler would
+    step; the guard must drop that step, and the scaler must still see its unscaled gradients."""
+
+    name = "nan_at"
+
+    def loss(self, batch, module):
+        out = super().loss(batch, module)
+        return {"loss": out["loss"] + (float("nan") if self.calls in self.spikes else 0.0)}
+
+
+def test_fp16_nonfinite_loss_is_skipped_by_the_guard(tiny_cfg):
+    module = build_module(tiny_cfg("lr_scheduler.name=constant"))
+    module.method = NaNAt(spikes={2})
+    ids = module.components.tokenizer(["a digit"] * 2, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    data = [{"pixels": torch.randn(2, 3, 16, 16), "input_ids": ids} for _ in range(3)]
+    weights = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append([p.detach().clone() for p in pl_module.trainable_parameters()])
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    w1, w2, w3 = weights
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2)), "the NaN step must not change the weights"
+    assert any(not torch.equal(a, b) for a, b in zip(w2, w3)), "the next good step trains"
+    assert module.nonfinite_total == 1

@@ -131,7 +131,6 @@ class SweepSummary(Callback):
         (sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps({"swept": keys}))  # trials are named after these
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
-
         if not in_multirun() or not _rank_zero():
             return
         record = trial_record(config, job_return)
