@@ -30,7 +30,7 @@ from train.strategies import accumulation_boundary, is_deepspeed, step_rejected_
 log = logging.getLogger(__name__)
 
 
-__all__ = ["DiffusionModule", "NonFiniteError", "Reference"]
+__all__ = ["DiffusionModule", "NonFiniteError"]
 
 
 class DiffusionModule(FrozenReference, L.LightningModule):
