@@ -22,15 +22,12 @@ from models.repa import RepresentationAlignment, load_encoder
 from models.tokens import tokenize
 from train.diffusion import DiffusionCore
 from train.methods.base import Method, MethodView
-from train.nonfinite import NonFiniteError, StepGuard, gradients_finite, skip_loss
+from train.nonfinite import StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
 from train.reference import FrozenReference
 from train.strategies import accumulation_boundary, is_deepspeed, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
-
-
-__all__ = ["DiffusionModule", "NonFiniteError"]
 
 
 class DiffusionModule(FrozenReference, L.LightningModule):
@@ -267,9 +264,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         boundary = accumulation_boundary(self.trainer.strategy)  # DeepSpeed steps only on its own boundary
         if optimizer_closure is not None and not self._fp16() and not is_deepspeed(self.trainer.strategy):
-            # this optimizer runs the closure inside `step`, after its pre-hooks: a rejected step is dropped there.
-            # (A GradScaler and DeepSpeed step the optimizer after the closure: the pre-hook drops it, and the scaler
-            # still finds the gradients it must unscale.)
+            # the closure runs inside `step`, after the pre-hooks (GradScaler/DeepSpeed step after it: the pre-hook)
             optimizer_closure = self.guard.wrap_closure(optimizer, optimizer_closure)
         self._schedule_free(train=True)  # its step (which runs the closure) must start in training mode
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

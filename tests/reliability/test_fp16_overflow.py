@@ -25,9 +25,10 @@ class Spiky(Method):
         return {"loss": loss * (1e34 if self.calls in self.spikes else 1.0)}
 
 
-def test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues(tiny_cfg):
+def fit_fp16(tiny_cfg, method) -> tuple:
+    """Three steps of 16-mixed with the CPU grad scaler; (weights, scale) after each, and the module."""
     module = build_module(tiny_cfg("lr_scheduler.name=constant"))
-    module.method = Spiky(spikes={2})
+    module.method = method
     ids = module.components.tokenizer(["a digit"] * 2, padding="max_length", max_length=12, return_tensors="pt").input_ids
     data = [{"pixels": torch.randn(2, 3, 16, 16), "input_ids": ids} for _ in range(3)]
     snapshots = []
@@ -41,6 +42,11 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues(tiny_cfg)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return snapshots, module
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues(tiny_cfg):
+    snapshots, module = fit_fp16(tiny_cfg, Spiky(spikes={2}))
     (w1, s1), (w2, s2), (w3, s3) = snapshots
     assert all(torch.equal(a, b) for a, b in zip(w1, w2)), "the overflowing step must not change the weights"
     assert s2 < s1, "the scaler lowers the scale after an overflow"
@@ -60,20 +66,8 @@ class NaNAt(Spiky):
 
 
 def test_fp16_nonfinite_loss_is_skipped_by_the_guard(tiny_cfg):
-    module = build_module(tiny_cfg("lr_scheduler.name=constant"))
-    module.method = NaNAt(spikes={2})
-    ids = module.components.tokenizer(["a digit"] * 2, padding="max_length", max_length=12, return_tensors="pt").input_ids
-    data = [{"pixels": torch.randn(2, 3, 16, 16), "input_ids": ids} for _ in range(3)]
-    weights = []
-
-    class Snap(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            weights.append([p.detach().clone() for p in pl_module.trainable_parameters()])
-
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()])
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    snapshots, module = fit_fp16(tiny_cfg, NaNAt(spikes={2}))
+    weights = [w for w, _ in snapshots]
     w1, w2, w3 = weights
     assert all(torch.equal(a, b) for a, b in zip(w1, w2)), "the NaN step must not change the weights"
     assert any(not torch.equal(a, b) for a, b in zip(w2, w3)), "the next good step trains"

@@ -5,7 +5,7 @@ import torch
 
 from train.build import build_module, resolved_config
 from train.methods.base import Method
-from train.module import NonFiniteError
+from train.nonfinite import NonFiniteError
 
 
 class Scripted(Method):
