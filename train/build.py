@@ -7,6 +7,7 @@ config. The trainer, loggers, callbacks and data around the module are assembled
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     """Components + core + method -> the LightningModule (also used to rebuild from a checkpoint)."""
     components = build_model(cfg)
     # the loss group's keys are DiffusionCore's arguments (`type` is `loss_type`); its defaults live in the yaml
-    core = DiffusionCore(components.scheduler,
+    core = DiffusionCore(components.scheduler, shift_for=partial(components.spec.training_shift, components),
                          **{("loss_type" if k == "type" else k): v for k, v in _kwargs(cfg.loss).items()})
     method = instantiate(cfg.method, _convert_="all")
     module = DiffusionModule(components, core, method, optimizer=_kwargs(cfg.optimizer),

@@ -13,6 +13,7 @@ in the training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ class DiffusionCore:
     def __init__(self, scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, loss_type: str = "mse", huber_c: float = 0.001,
                  timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 timestep_range: tuple[float, float] | None = (0.0, 1.0)):
+                 timestep_range: tuple[float, float] | None = (0.0, 1.0),
+                 shift_for: Callable[[torch.Size], float | None] | None = None):
         timestep_range = (0.0, 1.0) if timestep_range is None else timestep_range  # null: the whole schedule
         lo, hi = (float(v) for v in timestep_range)
         if not 0.0 <= lo < hi <= 1.0:
@@ -84,6 +86,7 @@ class DiffusionCore:
         self.shift = float(scheduler.config.get("shift", 1.0)) if self.flow else 1.0
         self._acp = None if self.flow else scheduler.alphas_cumprod.float()
         self.timestep_range = (lo, hi)
+        self.shift_for = shift_for  # the family's resolution-dependent shift (Flux): model-space shape -> shift
 
     def require(self, objectives: tuple[str, ...], who: str, hint: str = "") -> None:
         """One line naming the objective when a method cannot work with this model's."""
@@ -100,9 +103,11 @@ class DiffusionCore:
         """Flow matching: the noise level s = t / T of (possibly fractional) timesteps t."""
         return t.float() / self.num_timesteps
 
-    def sample_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None):
+    def sample_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None,
+                         shift: float | None = None):
         """VP: uniform integer timesteps. Flow: s uniform or logit-normal (SD3), shifted s' = k s / (1 + (k-1) s),
-        returned as float timesteps t = s' T (what the schedulers and time embeddings use).
+        returned as float timesteps t = s' T (what the schedulers and time embeddings use). k is `shift` when given
+        (a family's resolution-dependent shift, e.g. Flux's exp(mu)), else the scheduler's static one.
         `timestep_range` [lo, hi] restricts training to that part of the schedule: VP timesteps in [lo T, hi T),
         flow noise levels s' in [lo, hi] (the shifted density is mapped into the range)."""
         lo, hi = self.timestep_range
@@ -114,7 +119,8 @@ class DiffusionCore:
             s = torch.sigmoid(u)
         else:
             s = torch.rand((n,), device=device, generator=generator)
-        s = self.shift * s / (1 + (self.shift - 1) * s)
+        k = self.shift if shift is None else float(shift)
+        s = k * s / (1 + (k - 1) * s)
         if (lo, hi) != (0.0, 1.0):
             s = lo + (hi - lo) * s
         return s * self.num_timesteps
@@ -132,7 +138,9 @@ class DiffusionCore:
                noise: torch.Tensor | None = None) -> Noised:
         """Draw (t, noise) unless given, and build the training input and target for clean `x0`."""
         noise = self.sample_noise(x0, generator) if noise is None else noise.to(x0)
-        t = self.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        if t is None:
+            shift = self.shift_for(x0.shape) if self.flow and self.shift_for is not None else None
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator, shift=shift)
         return Noised(self.add_noise(x0, noise, t), t, noise, self.target(x0, noise, t))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

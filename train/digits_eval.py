@@ -41,14 +41,14 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
     """`val/prompt_accuracy` is the best over the scales; every scale is reported too. `digits` restricts the
     prompts (e.g. to the digits a DreamBooth base knew, to measure prior preservation)."""
     judge = judge or DigitJudge.cached()
-    resolution = pipe.unet.config.sample_size
-    real = real_digit_features(judge, resolution=resolution)
+    real = None
     metrics: dict[str, float] = {}
     best = (-1.0, None)
     for g in guidance_scales:
         t0 = time.perf_counter()
         images, labels = generate_digits(pipe, n_per_digit, g, steps, seed, digits=tuple(digits))
         acc = prompt_accuracy(judge, images, labels)
+        real = real if real is not None else real_digit_features(judge, resolution=images.shape[-1])
         fd = frechet_distance(judge.features(images), real)
         metrics[f"val/prompt_accuracy_g{g:g}"] = acc
         metrics[f"val/frechet_g{g:g}"] = fd
@@ -70,7 +70,7 @@ def flow_straightness(pipe, n_per_digit: int = 4, steps: int = 8, guidance_scale
     """InstaFlow's straightness of a flow model's sampled paths (0: straight, one Euler step suffices), averaged
     over `n_per_digit` paths per digit prompt, from the states of an `steps`-step Euler solve."""
     prompts = [eval_prompt(d) for d in range(10) for _ in range(n_per_digit)]
-    size, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    ch, size = model_space(pipe)
     x_T = torch.stack([torch.randn((ch, size, size), generator=torch.Generator().manual_seed(seed + i))
                        for i in range(len(prompts))])
     states = [x_T]
@@ -82,6 +82,14 @@ def flow_straightness(pipe, n_per_digit: int = 4, steps: int = 8, guidance_scale
     pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=x_T.clone(), output_type="latent",
          callback_on_step_end=record)
     return float(straightness(torch.stack(states, 1), pipe.scheduler.sigmas.float()).mean())
+
+
+def model_space(pipe) -> tuple[int, int]:
+    """(channels, side) of the tensors a pipeline denoises: its `model_space()` when it packs them (Flux), else its
+    UNet's (or UNet-called transformer's) input."""
+    if hasattr(pipe, "model_space"):
+        return pipe.model_space()
+    return int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size)
 
 
 @torch.no_grad()

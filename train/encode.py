@@ -21,7 +21,6 @@ from safetensors.torch import save as save_tensors
 from data.latent_cache import DTYPES, FORMAT, MANIFEST, MEMBER, VAE_DTYPES, model_fingerprint
 from data.transforms import BadSample, ImageTransform, decode_caption, load_image
 from data.webdataset import IMAGE_KEYS, tar_samples
-from models.components import vae_moments
 from models.tokens import tokenize
 from train.build import load_components
 
@@ -58,7 +57,7 @@ def encode_shard(url: str, dest: Path, comps, transform, *, dtype: str, text: bo
         device = next(comps.vae.parameters()).device
         with torch.no_grad():
 
-            mean, std = vae_moments(comps.vae, pixels.to(device, vae_dtype))
+            mean, std = comps.spec.encode_latents(comps.vae, pixels.to(device, vae_dtype))
             ctx = None
             if text:
                 ids = tokenize(comps.tokenizer, [b[1] for b in batch]).to(device)

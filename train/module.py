@@ -15,7 +15,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from data.webdataset import derive_seed
-from models.components import Components, vae_moments
+from models.components import Components
 from models.fingerprint import CHECKPOINT_DIGITS, weights_fingerprint
 from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
@@ -102,7 +102,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         if self.vae is None:
             return pixels
         with torch.no_grad():
-            return self.sample_latents(*vae_moments(self.vae, pixels))
+            return self.sample_latents(*self.components.spec.encode_latents(self.vae, pixels))
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """A draw from the VAE's latent distribution, from the module's noise generator (reproducible on resume)."""
@@ -131,8 +131,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The UNet's space -> images in [-1, 1] (through the VAE for latent models); differentiable."""
         if self.vae is not None:
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
+            x0 = self.components.spec.decode_latents(self.vae, x0)
         return x0.float().clamp(-1, 1)
 
     def empty_prompt_ids(self, n: int) -> torch.Tensor:

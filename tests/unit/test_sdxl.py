@@ -80,7 +80,7 @@ def test_sdxl_folder_missing_second_encoder_is_one_line(sdxl_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(sdxl_dir, broken)
     shutil.rmtree(broken / "text_encoder_2")
-    with pytest.raises(FileNotFoundError, match="SDXL UNet .* lacks text_encoder_2/"):
+    with pytest.raises(FileNotFoundError, match=r"sdxl-family folder but lacks subfolder\(s\) text_encoder_2"):
         load_pretrained(broken)
 
 

@@ -1,0 +1,212 @@
+"""The family layer: everything that differs between model families, behind one small interface.
+
+A run's model is a `Components` (denoiser, text encoder(s) behind one module, tokenizer(s), VAE, training scheduler)
+tagged with its family. The engine, methods, sampler, caches and exports use only what every family provides:
+
+- `tokenize(tokenizer, prompts)` -> ids; `text_encoder(ids)[0]` -> one context tensor (a family packs its pooled
+  vectors or masks into extra rows of that tensor, so caption dropout, guidance and caches handle it as one tensor);
+- `unet(x, t, encoder_hidden_states=context).sample` on unpacked model-space tensors `[B, C, h, w]` with flow/DDPM
+  timesteps in [0, T] (a family's backbone wrapper packs patches, builds position ids, rescales timesteps and adds
+  its guidance embedding);
+- `family.encode_latents` / `decode_latents` (the VAE's latent normalization), `family.training_shift` (a
+  resolution-dependent timestep shift), `family.pipeline` (the diffusers pipeline class it exports to).
+
+A family is one file in models/families/ that subclasses `Family` and registers itself; the registry picks it from a
+folder's `model_index.json` (or its backbone's config) or from a preset name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+REGISTRY: dict[str, "Family"] = {}
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module  # the denoiser, called like a UNet whatever it is (see the module docstring)
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler: Any
+    vae: torch.nn.Module | None = None
+    tokenizer_2: Any = None  # a second tokenizer the family saves and exports (SDXL)
+    family: str = "sd"
+
+    @property
+    def spec(self) -> "Family":
+        return family_named(self.family)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the model space (pixels, or unpacked latents)."""
+        return self.spec.model_channels(self)
+
+    @property
+    def sample_size(self) -> int:
+        """Side of the model space (pixels, or latents when a VAE is present)."""
+        return self.spec.model_side(self)
+
+    @property
+    def vae_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels."""
+        return self.sample_size * self.vae_factor
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the family's diffusers folder layout (safetensors)."""
+        self.spec.save(self, Path(out))
+
+
+class Family:
+    """One model family. Subclasses override what differs; the defaults are a UNet with one CLIP encoder."""
+
+    name: ClassVar[str]
+    pipelines: ClassVar[tuple[str, ...]] = ()  # model_index.json `_class_name`s this family loads
+    parts: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "tokenizer", "scheduler")
+    presets: ClassVar[tuple[str, ...]] = ()
+    patch: ClassVar[int] = 1  # model-space side must be a multiple of this (packing)
+
+    # ----- recognizing a folder -----
+    def claims(self, folder: Path, index: dict[str, Any]) -> bool:
+        return _class_name(index) in self.pipelines
+
+    def check_folder(self, folder: Path) -> None:
+        missing = [p for p in self.parts if not (folder / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"model.pretrained: '{folder}' is a {self.name}-family folder but lacks "
+                                    f"subfolder(s) {', '.join(missing)}; such a folder (as save_pretrained writes it) "
+                                    f"has {', '.join(self.parts)}")
+
+    # ----- building -----
+    def load(self, folder: Path) -> Components:
+        raise NotImplementedError
+
+    def build_preset(self, preset: str, resolution: int | None, seed: int) -> Components:
+        raise NotImplementedError
+
+    def save(self, comps: Components, out: Path) -> None:
+        raise NotImplementedError
+
+    def configure(self, comps: Components, guidance: float | None = None) -> None:
+        """Family options of the `model` group (Flux.1-dev's training guidance value)."""
+        if guidance is not None:
+            raise ValueError(f"model.guidance={guidance}: the {self.name} family has no guidance-embedding input; "
+                             "leave it null (classifier-free guidance is a sampling setting)")
+
+    # ----- shapes and spaces -----
+    def model_channels(self, comps: Components) -> int:
+        return int(comps.unet.config.in_channels)
+
+    def model_side(self, comps: Components) -> int:
+        return int(comps.unet.config.sample_size)
+
+    def check_resolution(self, comps: Components, resolution: int) -> None:
+        step = comps.vae_factor * self.patch
+        if resolution % step:
+            raise ValueError(f"data.resolution={resolution}: the {self.name} family packs {self.patch}x"
+                             f"{self.patch} patches of a {comps.vae_factor}x VAE's latents, so the side must be a "
+                             f"multiple of {step}")
+
+    def encode_latents(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the latent distribution of pixels in [-1, 1], normalized the way the denoiser sees it."""
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+        return (dist.mean - shift) * scale, dist.std * scale
+
+    def decode_latents(self, vae, z: torch.Tensor) -> torch.Tensor:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    def training_shift(self, comps: Components, shape: torch.Size) -> float | None:
+        """A resolution-dependent flow shift for a model-space batch of `shape` (None: the scheduler's static one)."""
+        return None
+
+    # ----- exporting -----
+    def pipeline(self, comps: Components, scheduler) -> Any:
+        raise NotImplementedError
+
+    def pipeline_kwargs(self, comps: Components) -> dict[str, Any]:
+        """Keyword arguments a user passes to the exported pipeline to get what `foundry-sample` gives."""
+        return {}
+
+    def lora_loader(self) -> tuple[Any, str]:
+        """(diffusers LoRA loader mixin, its denoiser key) for `save_lora_weights`."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin, "unet"
+
+
+def register(family: Family) -> Family:
+    REGISTRY[family.name] = family
+    return family
+
+
+def family_named(name: str) -> Family:
+    if name not in REGISTRY:
+        raise ValueError(f"model.family: unknown family '{name}'; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def family_for_preset(preset: str) -> Family:
+    for family in REGISTRY.values():
+        if preset in family.presets:
+            return family
+    known = sorted(p for f in REGISTRY.values() for p in f.presets)
+    raise ValueError(f"model.preset: unknown preset '{preset}'; choose one of {known} or set "
+                     "model.pretrained=/path/to/folder")
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    path = folder / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _class_name(index: dict[str, Any]) -> str:
+    name = index.get("_class_name", "")
+    return name[-1] if isinstance(name, list) else str(name)
+
+
+def family_for_folder(folder: str | Path) -> Family:
+    """The family of a local diffusers folder: from `model_index.json`, else from its backbone's config."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.pretrained: '{p}' is not a folder; give a local diffusers model folder "
+                                "or use a preset (model=tiny_pixel, model=flux_tiny, ...)")
+    index = read_index(p)
+    for family in REGISTRY.values():
+        if family.claims(p, index):
+            family.check_folder(p)
+            return family
+    what = f"a {_class_name(index)} pipeline" if index else "no model_index.json and no known backbone"
+    known = sorted({n for f in REGISTRY.values() for n in f.pipelines})
+    raise ValueError(f"model.pretrained: '{p}' holds {what}; the families trained here load {', '.join(known)} "
+                     "folders (or a folder with unet/ or transformer/ saved by save_pretrained)")
+
+
+def backbone_class(folder: Path) -> str:
+    """`_class_name` of a folder's denoiser config (`transformer/` or `unet/`), '' when there is none."""
+    for sub in ("transformer", "unet"):
+        config = folder / sub / "config.json"
+        if config.is_file():
+            return str(json.loads(config.read_text()).get("_class_name", ""))
+    return ""
+
+
+def plain_index(out: Path, pipe: Any, class_name: str | list[str]) -> dict[str, Any]:
+    """Rewrite a saved pipeline's `model_index.json` to name diffusers' own classes: the pipeline's, and for each of
+    our subclasses (saved as their base class) that base, so the folder loads without this project."""
+    path = out / "model_index.json"
+    index = json.loads(path.read_text())
+    index["_class_name"] = class_name
+    for name, component in pipe.components.items():
+        if hasattr(component, "diffusers_class"):
+            index[name] = ["diffusers", component.diffusers_class.__name__]
+    path.write_text(json.dumps(index, indent=2))
+    return index
