@@ -90,8 +90,6 @@ def _add_header(path: Path, extra: dict[str, str]) -> None:
 def save_adapter(components, spec: AdapterSpec, out: str | Path, base_model: str,
                  trigger: str | None = None) -> dict[str, Path]:
     """Write the adapter files for `components` into `out`; returns {format: path}."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = {name: getattr(components, name) for name in PREFIXES if has_peft_adapter(getattr(components, name))}
@@ -105,16 +103,20 @@ def save_adapter(components, spec: AdapterSpec, out: str | Path, base_model: str
         # peft key layout (lora_A/lora_B), which load_lora_weights reads directly; diffusers' own
         # convert_state_dict_to_diffusers rewrites only attention keys to its legacy names and leaves the rest,
         # and that mixed file then loads without its attention LoRA (seen with target=attn_mlp).
+        loader, denoiser = components.spec.lora_loader()  # the family's pipeline reads its own key prefix
         layers: dict[str, Any] = {}
         for name, model in models.items():
-            layers[f"{name}_lora_layers"] = states[name]
-            layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-        StableDiffusionLoraLoaderMixin.save_lora_weights(out, safe_serialization=True, **layers)
+            key = denoiser if name == "unet" else name
+            layers[f"{key}_lora_layers"] = states[name]
+            layers[f"{key}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+        loader.save_lora_weights(out, safe_serialization=True, **layers)
         written["diffusers"] = out / DIFFUSERS_WEIGHTS
         _add_header(written["diffusers"], meta)
     kohya: dict[str, torch.Tensor] = {}
     for name, state in states.items():
-        kohya.update(peft_to_kohya(state, PREFIXES[name], spec.lora_alpha))
+        family_layout = components.spec.kohya_state(components, state, spec.lora_alpha) if name == "unet" else None
+        kohya.update(family_layout if family_layout is not None else peft_to_kohya(state, PREFIXES[name],
+                                                                                   spec.lora_alpha))
     written["kohya"] = out / KOHYA_WEIGHTS
     save_file(kohya, str(written["kohya"]), metadata=meta)
     return written

@@ -124,6 +124,10 @@ def apply_adapter(components, spec: AdapterSpec) -> None:
         if spec.text_encoder:
             _difffit(components.text_encoder)
     else:
+        if spec.text_encoder and not components.spec.text_encoder_lora:
+            raise ValueError(f"adapter.text_encoder=true: not available for the {components.family} family here (its "
+                             "text encoders sit behind one module whose LoRA its pipeline cannot load); train the "
+                             "denoiser's adapter only")
         _add_peft(components.unet, spec, resolve_targets(spec.target), "adapter.target")
         if spec.text_encoder:
             _add_peft(components.text_encoder, spec, resolve_targets(spec.text_encoder_target),

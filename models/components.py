@@ -77,6 +77,8 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     comps.text_encoder.requires_grad_(train_text_encoder)
+    if not train_text_encoder:
+        comps.text_encoder.eval()  # a frozen encoder runs as in inference (T5's dropout off), in training and sampling
     if comps.vae is not None:
         comps.vae.requires_grad_(False)
     n = sum(p.numel() for p in comps.unet.parameters())

@@ -1,7 +1,8 @@
-"""A latent digits world: the `tiny_latent` preset's AutoencoderKL trained on the real digits (16x16 -> 8x8x4), saved
-with the rest of the preset as a diffusers folder that `model=pretrained model.pretrained=DIR` trains from.
+"""A latent digits world: a latent preset's AutoencoderKL trained on the real digits (`tiny_latent`: 16x16 -> 8x8x4;
+`flux_tiny`: 16x16 -> 8x8x16), saved with the rest of the preset as its family's diffusers folder, which
+`model=pretrained model.pretrained=DIR` trains from.
 
-    python -m models.tiny_vae --out DIR [--steps 1500]
+    python -m models.tiny_vae --out DIR [--preset tiny_latent|flux_tiny] [--steps 1500]
 
 Loss: reconstruction MSE plus a small KL term (as in SD's VAE, without the GAN and perceptual terms, which the
 digits do not need). The scaling factor is set afterwards to 1 / std of the latents, as SD's 0.18215 was, so the
@@ -53,10 +54,12 @@ def train_digits_vae(vae, steps: int = 1500, batch_size: int = 128, lr: float = 
             "judge_accuracy_real": prompt_accuracy(judge, images, labels), "scaling_factor": scaling}
 
 
-def build_latent_digits_model(out: str | Path, steps: int = 1500, seed: int = 0) -> dict:
-    """The tiny_latent preset (random UNet and text encoder, like every preset) with its VAE trained on the digits,
-    saved as a diffusers folder."""
-    comps = build_components(preset="tiny_latent", resolution=16, seed=seed)
+def build_latent_digits_model(out: str | Path, steps: int = 1500, seed: int = 0, preset: str = "tiny_latent") -> dict:
+    """A latent preset (random denoiser and text encoder, like every preset) with its VAE trained on the digits,
+    saved as its family's diffusers folder."""
+    comps = build_components(preset=preset, resolution=16, seed=seed)
+    if comps.vae is None:
+        raise ValueError(f"--preset {preset}: a pixel-space preset has no VAE; use tiny_latent or flux_tiny")
     result = train_digits_vae(comps.vae, steps=steps, seed=seed)
     out = Path(out).expanduser()
     comps.save_pretrained(out)
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="the model folder to write")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="tiny_latent", help="a latent preset: tiny_latent | flux_tiny")
     args = ap.parse_args(argv)
-    print(json.dumps(build_latent_digits_model(args.out, args.steps, args.seed), indent=2))
+    print(json.dumps(build_latent_digits_model(args.out, args.steps, args.seed, args.preset), indent=2))
 
 
 if __name__ == "__main__":

@@ -173,4 +173,6 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
-    return Path(path).expanduser().is_dir() and (Path(path).expanduser() / "unet").is_dir()
+    """A model folder of any family (a denoiser in unet/ or transformer/, or a pipeline's model_index.json)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / name).exists() for name in ("unet", "transformer", "model_index.json"))

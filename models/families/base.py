@@ -136,6 +136,14 @@ class Family:
         """Keyword arguments a user passes to the exported pipeline to get what `foundry-sample` gives."""
         return {}
 
+    def kohya_state(self, comps: Components, state: dict[str, torch.Tensor], alpha: float
+                    ) -> dict[str, torch.Tensor] | None:
+        """The denoiser's adapter in the layout A1111/ComfyUI/kohya read for this family; None: the generic
+        `lora_unet_<module path>` layout (models/adapter_files.py)."""
+        return None
+
+    text_encoder_lora: ClassVar[bool] = True  # adapter.text_encoder works (and exports) for this family
+
     def lora_loader(self) -> tuple[Any, str]:
         """(diffusers LoRA loader mixin, its denoiser key) for `save_lora_weights`."""
         from diffusers.loaders import StableDiffusionLoraLoaderMixin

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, CLIPTextModel, T5Config, T5EncoderModel
 
 from models.backbones import _SavedAsDiffusersClass
 from models.families.base import Components, Family, backbone_class, plain_index, register
+from models.families.flux_lora import flux_kohya_state
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
 from models.tiny import build_text_encoder, build_tokenizer, default_caption_corpus
@@ -162,7 +163,7 @@ def _t5(p: FluxPreset, tokenizer) -> T5EncoderModel:
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=p.t5_hidden, d_kv=p.t5_hidden // p.text_heads,
                                    d_ff=2 * p.t5_hidden, num_layers=p.text_layers, num_heads=p.text_heads,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   decoder_start_token_id=tokenizer.pad_token_id))
+                                   decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=0.0))
 
 
 def flux1_dev_transformer() -> FluxTransformer2DModel:
@@ -270,6 +271,11 @@ class Flux(Family):
 
     def pipeline_kwargs(self, comps: Components) -> dict[str, Any]:
         return self.call_kwargs(comps.unet, comps.tokenizer.parts[1])
+
+    text_encoder_lora = False
+
+    def kohya_state(self, comps: Components, state: dict[str, torch.Tensor], alpha: float):
+        return flux_kohya_state(state, alpha, comps.unet)
 
     def lora_loader(self):
         from diffusers.loaders import FluxLoraLoaderMixin

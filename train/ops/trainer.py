@@ -21,7 +21,9 @@ from train.ops.tracking import git_state, scrubbed_argv, wandb_identity
 
 def build_datamodule(cfg: DictConfig, module: DiffusionModule) -> L.LightningDataModule:
     """The data group; data that needs the model (DreamBooth class images, rollout prompts) gets it here."""
-    native = {"resolution": module.components.resolution} if cfg.data.get("resolution") is None else {}
+    comps = module.components
+    native = {"resolution": comps.resolution} if cfg.data.get("resolution") is None else {}
+    comps.spec.check_resolution(comps, int(cfg.data.get("resolution") or comps.resolution))  # packing, VAE factor
     datamodule = instantiate(cfg.data, _convert_="all", **native)  # resolution null: the model's native size;
     # _convert_=all: plain containers, so checkpoints (which store the data hyperparameters) load weights-only
     datamodule.set_tokenizer(module.components.tokenizer)
