@@ -61,8 +61,11 @@ class AdapterSpec:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
-def resolve_targets(target: str | list[str]) -> list[str]:
+def resolve_targets(target: str | list[str], family_presets: dict[str, list[str]] | None = None) -> list[str]:
+    """A preset name (the family's own list first: a Flux transformer names its layers differently) or a list."""
     if isinstance(target, str):
+        if family_presets and target in family_presets:
+            return list(family_presets[target])
         if target not in TARGET_PRESETS:
             raise ValueError(f"adapter target '{target}': not a preset ({', '.join(TARGET_PRESETS)}); "
                              "give a preset name or a list of module-name suffixes")
@@ -83,16 +86,17 @@ def peft_config(spec: AdapterSpec, targets: list[str]) -> PeftConfig:
     raise ValueError(f"adapter.kind '{spec.kind}' has no peft config")
 
 
-def _check_targets(model: torch.nn.Module, targets: list[str], key: str) -> None:
+def _check_targets(model: torch.nn.Module, targets: list[str], key: str, every: bool = True) -> None:
+    """Each named target must exist (`every`); a preset may list layers a small model lacks, but not all of them."""
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
+    if missing and (every or len(missing) == len(targets)):
         raise ValueError(f"{key}: no module named {missing} in {type(model).__name__}; "
                          f"use a preset ({', '.join(TARGET_PRESETS)}) or names that exist in the model")
 
 
-def _add_peft(model: torch.nn.Module, spec: AdapterSpec, targets: list[str], key: str) -> None:
-    _check_targets(model, targets, key)
+def _add_peft(model: torch.nn.Module, spec: AdapterSpec, targets: list[str], key: str, preset: bool = False) -> None:
+    _check_targets(model, targets, key, every=not preset)
     model.requires_grad_(False)
     cfg = peft_config(spec, targets)
     if hasattr(model, "add_adapter") and "adapter_config" in model.add_adapter.__code__.co_varnames:
@@ -128,7 +132,8 @@ def apply_adapter(components, spec: AdapterSpec) -> None:
             raise ValueError(f"adapter.text_encoder=true: not available for the {components.family} family here (its "
                              "text encoders sit behind one module whose LoRA its pipeline cannot load); train the "
                              "denoiser's adapter only")
-        _add_peft(components.unet, spec, resolve_targets(spec.target), "adapter.target")
+        _add_peft(components.unet, spec, resolve_targets(spec.target, components.spec.adapter_targets),
+                  "adapter.target", preset=isinstance(spec.target, str))
         if spec.text_encoder:
             _add_peft(components.text_encoder, spec, resolve_targets(spec.text_encoder_target),
                       "adapter.text_encoder_target")

@@ -143,6 +143,7 @@ class Family:
         return None
 
     text_encoder_lora: ClassVar[bool] = True  # adapter.text_encoder works (and exports) for this family
+    adapter_targets: ClassVar[dict[str, list[str]]] = {}  # adapter.target presets that differ from the UNet's
 
     def lora_loader(self) -> tuple[Any, str]:
         """(diffusers LoRA loader mixin, its denoiser key) for `save_lora_weights`."""

@@ -273,6 +273,11 @@ class Flux(Family):
         return self.call_kwargs(comps.unet, comps.tokenizer.parts[1])
 
     text_encoder_lora = False
+    # attention of both streams, the MLPs, the single blocks' fused MLP input: the layers peer trainers adapt, all
+    # with a place in the kohya/ComfyUI layout (models/families/flux_lora.py)
+    adapter_targets = {"attn_mlp": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                    "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                    "ff_context.net.2", "proj_mlp"]}
 
     def kohya_state(self, comps: Components, state: dict[str, torch.Tensor], alpha: float):
         return flux_kohya_state(state, alpha, comps.unet)

@@ -125,9 +125,7 @@ def test_kohya_layout_reads_back_through_diffusers_converter(flux, tmp_path):
                        vae=flux.vae, family="flux")
     base = tmp_path / "base"
     comps.save_pretrained(base)
-    spec = AdapterSpec(kind="lora", rank=2, alpha=3.0, target=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
-                                                                "add_k_proj", "add_v_proj", "to_add_out",
-                                                                "ff.net.0.proj", "ff_context.net.2"])
+    spec = AdapterSpec(kind="lora", rank=2, alpha=3.0, target="attn_mlp")  # Flux's own preset
     apply_adapter(comps, spec)
     for name, p in comps.unet.named_parameters():
         if "lora_B" in name:
