@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+                          T5Config, T5EncoderModel)
 
 from models.backbones import TRANSFORMER_PRESETS, build_transformer
 from models.digits_vocab import CAPTION_TEMPLATES, DIGIT_WORDS
@@ -77,14 +78,23 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512, max_length: int = 
                                    model_max_length=max_length)
 
 
-def build_text_encoder(p, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
-    """A CLIP text encoder whose special-token ids live inside the small vocabulary (NOTES: pooling)."""
+def build_text_encoder(p, tokenizer: PreTrainedTokenizerFast, projection_dim: int | None = None):
+    """A CLIP text encoder whose special-token ids live inside the small vocabulary (NOTES: pooling); with a
+    projection head of `projection_dim` (SDXL's and SD3's pooled vectors) when given."""
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=2 * p.text_hidden,
                          num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
                          max_position_embeddings=p.max_length, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         projection_dim=p.text_hidden)
-    return CLIPTextModel(cfg)
+                         projection_dim=projection_dim or p.text_hidden)
+    return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+
+
+def build_t5_encoder(hidden: int, layers: int, heads: int, tokenizer: PreTrainedTokenizerFast):
+    """A small T5 encoder on the local tokenizer (Flux's and SD3's context encoder); no dropout, as in inference."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden,
+                                   num_layers=layers, num_heads=heads, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                                   dropout_rate=0.0))
 
 
 def build_unet(p: Preset, resolution: int, in_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:

@@ -107,12 +107,16 @@ class Family:
     def model_side(self, comps: Components) -> int:
         return int(comps.unet.config.sample_size)
 
+    def packing(self, comps: Components) -> int:
+        """Side of the patches the backbone cuts from the model space (1: none)."""
+        return self.patch
+
     def check_resolution(self, comps: Components, resolution: int) -> None:
-        step = comps.vae_factor * self.patch
+        patch = self.packing(comps)
+        step = comps.vae_factor * patch
         if resolution % step:
-            raise ValueError(f"data.resolution={resolution}: the {self.name} family packs {self.patch}x"
-                             f"{self.patch} patches of a {comps.vae_factor}x VAE's latents, so the side must be a "
-                             f"multiple of {step}")
+            raise ValueError(f"data.resolution={resolution}: the {self.name} family packs {patch}x{patch} patches "
+                             f"of a {comps.vae_factor}x VAE's latents, so the side must be a multiple of {step}")
 
     def encode_latents(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the latent distribution of pixels in [-1, 1], normalized the way the denoiser sees it."""

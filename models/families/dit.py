@@ -28,11 +28,8 @@ class PixelTransformer(StableDiffusion):
     def load_backbone(self, folder: Path):
         return BACKBONES[backbone_class(folder)].from_pretrained(folder, subfolder="unet")
 
-    def check_resolution(self, comps: Components, resolution: int) -> None:
-        patch = comps.unet.config.patch_size
-        if resolution % patch:
-            raise ValueError(f"data.resolution={resolution}: the transformer cuts {patch}x{patch} patches; use a "
-                             f"multiple of {patch}")
+    def packing(self, comps: Components) -> int:
+        return int(comps.unet.config.patch_size)
 
     def pipeline(self, comps: Components, scheduler, sampler: str = "ddim"):
         if comps.vae is not None:

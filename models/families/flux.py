@@ -21,14 +21,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from transformers import AutoTokenizer, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from models.backbones import _SavedAsDiffusersClass
 from models.families.base import Components, Family, backbone_class, plain_index, register
 from models.families.flux_lora import flux_kohya_state
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
-from models.tiny import build_text_encoder, build_tokenizer, default_caption_corpus
+from models.tiny import build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
 from models.tokens import JointTokenizer
 
 LATENT_CHANNELS = 16
@@ -159,13 +159,6 @@ PRESETS: dict[str, FluxPreset] = {
 }
 
 
-def _t5(p: FluxPreset, tokenizer) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=p.t5_hidden, d_kv=p.t5_hidden // p.text_heads,
-                                   d_ff=2 * p.t5_hidden, num_layers=p.text_layers, num_heads=p.text_heads,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=0.0))
-
-
 def flux1_dev_transformer() -> FluxTransformer2DModel:
     """Flux.1-dev's transformer at full size (19 + 38 blocks, 3072 wide, 11.9 B parameters), built on the meta
     device: parameter counts, FLOPs and memory plans without allocating it."""
@@ -196,7 +189,7 @@ class Flux(Family):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             clip = build_text_encoder(p, tok)
-            t5 = _t5(p, tok_2)
+            t5 = build_t5_encoder(p.t5_hidden, p.text_layers, p.text_heads, tok_2)
             transformer = FoundryFlux(in_channels=4 * LATENT_CHANNELS, num_layers=p.layers,
                                       num_single_layers=p.single_layers, attention_head_dim=p.hidden // p.heads,
                                       num_attention_heads=p.heads, joint_attention_dim=p.t5_hidden,
