@@ -26,9 +26,31 @@ class JointTokenizer:
         return torch.cat([tokenize(t, prompts) for t in self.parts], dim=1)
 
 
+class ChatTokenizer:
+    """A chat LLM as text encoder (Z-Image's Qwen3): each prompt becomes one user turn of the tokenizer's chat
+    template (with the assistant turn opened), padded to `model_max_length`, as the family's pipeline does."""
+
+    def __init__(self, tokenizer: Any, **template: Any):
+        self.parts, self.template = (tokenizer,), template
+
+    @property
+    def model_max_length(self) -> int:
+        return int(self.parts[0].model_max_length)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.parts[0].pad_token_id)
+
+    def tokenize_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.parts[0]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                         **self.template) for p in prompts]
+        return tokenize(tok, texts)
+
+
 def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """[B, L] int64 token ids of `prompts`."""
-    if isinstance(tokenizer, JointTokenizer):
+    if hasattr(tokenizer, "tokenize_prompts"):  # several tokenizers, or a chat template (models/families/)
         return tokenizer.tokenize_prompts(prompts)
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -17,6 +17,7 @@ folder's `model_index.json` (or its backbone's config) or from a preset name.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,8 +130,17 @@ class Family:
         return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
     def training_shift(self, comps: Components, shape: torch.Size) -> float | None:
-        """A resolution-dependent flow shift for a model-space batch of `shape` (None: the scheduler's static one)."""
-        return None
+        """A resolution-dependent flow shift for a model-space batch of `shape`: exp(mu) with mu from the image's
+        token count, as the family's pipeline shifts its sampling sigmas when the scheduler has
+        `use_dynamic_shifting` (Flux, Z-Image, Qwen-Image); None: the scheduler's static shift."""
+        config = getattr(comps.scheduler, "config", {})
+        if not config.get("use_dynamic_shifting"):
+            return None
+        patch = self.packing(comps)
+        tokens = (shape[-2] // patch) * (shape[-1] // patch)
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        return math.exp(lo + (hi - lo) * (tokens - base) / (top - base))  # diffusers' calculate_shift
 
     # ----- exporting -----
     def pipeline(self, comps: Components, scheduler) -> Any:

@@ -12,7 +12,6 @@ reference for every convention here (tests compare against them).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from models.backbones import _SavedAsDiffusersClass
@@ -240,15 +238,6 @@ class Flux(Family):
 
     def model_side(self, comps: Components) -> int:
         return int(comps.vae.config.sample_size) // comps.vae_factor
-
-    def training_shift(self, comps: Components, shape: torch.Size) -> float | None:
-        config = comps.scheduler.config
-        if not config.get("use_dynamic_shifting"):
-            return None
-        tokens = (shape[-2] // self.patch) * (shape[-1] // self.patch)
-        return math.exp(calculate_shift(tokens, config.get("base_image_seq_len", 256),
-                                        config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                        config.get("max_shift", 1.15)))
 
     # ----- exporting -----
     def pipeline(self, comps: Components, scheduler, sampler: str = "euler"):

@@ -97,7 +97,12 @@ class SD3Preset:
     vocab_size: int = 512
 
 
-PRESETS = {"sd35_micro": SD3Preset(32, 2, 2, 16, 16, 32, 1, 2, 12, (8, 16))}
+PRESETS = {
+    # the digits world: 16x16 images, 8x8x16 latents, 16 patch tokens; SD3.5-medium's block mix (dual attention in
+    # the first blocks, qk-norm everywhere)
+    "sd35_tiny": SD3Preset(128, 4, 4, 64, 32, 64, 2, 2, 16, (32, 64), dual_attention_layers=(0, 1)),
+    "sd35_micro": SD3Preset(32, 2, 2, 16, 16, 32, 1, 2, 12, (8, 16)),
+}
 
 
 def sd35_large_transformer() -> SD3Transformer2DModel:

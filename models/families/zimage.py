@@ -1,0 +1,199 @@
+"""Z-Image: `ZImageTransformer2DModel` (a single-stream DiT with refiner blocks over 2x2 latent patches and caption
+tokens, 3-axis rotary ids), Qwen3 as the text encoder (the prompt as a chat turn, penultimate hidden states of the
+real tokens only), a 16-channel AutoencoderKL, flow matching. Exports as diffusers' `ZImagePipeline`, the reference
+for every convention here:
+
+- the transformer is given t' = 1 - sigma (0 = noise, 1 = clean) and predicts the negative of the flow target,
+  so `FoundryZImage` passes (1000 - t) / 1000 and returns minus its output: the same `noise - x0` objective as every
+  flow model here;
+- captions have their own lengths: `ZImageTextEncoder` returns the padded hidden states plus a last row holding the
+  attention mask, and the backbone cuts each caption to its real tokens;
+- its pipeline's `guidance_scale` s computes cond + s (cond - uncond), so our scale g (uncond + g (cond - uncond)) is
+  s = g - 1 (`FoundryZImagePipeline` converts; the exported plain pipeline wants s).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from transformers import AutoModel, AutoTokenizer, Qwen3Config, Qwen3Model
+
+from models.backbones import _SavedAsDiffusersClass
+from models.families.base import Components, Family, plain_index, register
+from models.schedulers import load_scheduler
+from models.tiny import build_tokenizer, default_caption_corpus
+from models.tokens import ChatTokenizer
+
+LATENT_CHANNELS = 16
+TEMPLATE = {"enable_thinking": True}  # what ZImagePipeline passes to apply_chat_template
+# Qwen3's chat template, reduced to what a one-turn user prompt uses
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                 "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+class ZImageTextEncoder(torch.nn.Module):
+    """Qwen3 on chat-templated ids: penultimate hidden states (zero at padding) and the mask as a last row."""
+
+    def __init__(self, model: Qwen3Model, pad_token_id: int):
+        super().__init__()
+        self.text_encoder, self.pad_token_id = model, int(pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        mask = input_ids != self.pad_token_id  # right padding: the tokenizer's attention mask
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        if hidden.shape[-1] < hidden.shape[1]:
+            raise ValueError(f"Z-Image text encoder: {hidden.shape[1]} tokens do not fit a mask row of width "
+                             f"{hidden.shape[-1]}; lower the tokenizer's model_max_length")
+        hidden = hidden * mask[..., None]
+        row = torch.nn.functional.pad(mask.to(hidden.dtype), (0, hidden.shape[-1] - mask.shape[1]))
+        return (torch.cat([hidden, row[:, None]], dim=1),)
+
+
+def captions(context: torch.Tensor) -> list[torch.Tensor]:
+    """[B, L + 1, D] from `ZImageTextEncoder` -> each caption's real tokens, [L_i, D]."""
+    hidden, mask = context[:, :-1], context[:, -1, : context.shape[1] - 1] > 0.5
+    return [h[m] for h, m in zip(hidden, mask)]
+
+
+class FoundryZImage(_SavedAsDiffusersClass, ZImageTransformer2DModel):
+    """Z-Image's transformer with the call signature of every backbone here (module docstring)."""
+
+    unet_call = True
+    diffusers_class = ZImageTransformer2DModel
+
+    def forward(self, sample, timestep=None, encoder_hidden_states=None, *args, timestep_cond=None,
+                return_dict: bool = True, **kwargs):
+        if isinstance(sample, list):  # diffusers' call (ZImagePipeline): lists of latents and captions
+            return super().forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        if timestep_cond is not None:
+            raise ValueError("model.guidance_embedding: Z-Image takes no guidance-weight input")
+        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        out = super().forward(list(sample.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions(encoder_hidden_states),
+                              return_dict=False)[0]
+        pred = -torch.stack(out).squeeze(2).to(sample.dtype)
+        return Transformer2DModelOutput(sample=pred) if return_dict else (pred,)
+
+
+class FoundryZImagePipeline(ZImagePipeline):
+    """ZImagePipeline called like every sampler here (module docstring: g -> s = g - 1)."""
+
+    def model_space(self) -> tuple[int, int]:
+        return int(self.vae.config.latent_channels), int(self.vae.config.sample_size) // self.vae_scale_factor
+
+    def __call__(self, prompt, height: int | None = None, width: int | None = None, guidance_scale: float = 3.0,
+                 eta: float = 0.0, **kwargs):
+        size = self.vae.config.sample_size
+        kwargs.setdefault("max_sequence_length", int(self.tokenizer.model_max_length))
+        return super().__call__(prompt, height=height or size, width=width or size,
+                                guidance_scale=float(guidance_scale) - 1.0, **kwargs)
+
+
+@dataclass(frozen=True)
+class ZImagePreset:
+    dim: int
+    heads: int
+    layers: int
+    refiner_layers: int
+    axes_dims: tuple[int, int, int]
+    text_hidden: int
+    text_layers: int
+    max_length: int
+    vae_channels: tuple[int, ...]
+    vocab_size: int = 512
+
+
+PRESETS = {"zimage_micro": ZImagePreset(32, 2, 1, 1, (4, 6, 6), 48, 1, 40, (8, 16))}
+
+
+def z_image_transformer() -> ZImageTransformer2DModel:
+    """Z-Image's transformer at full size (30 blocks, 3840 wide; 6.2 B parameters) on the meta device."""
+    with torch.device("meta"):
+        return ZImageTransformer2DModel()
+
+
+class ZImage(Family):
+    name = "zimage"
+    pipelines = ("ZImagePipeline",)
+    parts = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    presets = tuple(PRESETS)
+    patch = 2
+    text_encoder_lora = False
+
+    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
+                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
+        if prediction_type not in (None, "flow"):
+            raise ValueError(f"model.prediction_type={prediction_type}: Z-Image is trained by flow matching; use flow")
+        p, resolution = PRESETS[preset], resolution or 16
+        tok = build_tokenizer(default_caption_corpus(), p.vocab_size, p.max_length)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHAT_TEMPLATE
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads = max(1, p.text_hidden // 16)
+            qwen = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=p.text_hidden,
+                                          intermediate_size=2 * p.text_hidden, num_hidden_layers=p.text_layers + 1,
+                                          num_attention_heads=heads, num_key_value_heads=1, head_dim=16,
+                                          max_position_embeddings=p.max_length, pad_token_id=tok.pad_token_id,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+            transformer = FoundryZImage(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=LATENT_CHANNELS,
+                                        dim=p.dim, n_layers=p.layers, n_refiner_layers=p.refiner_layers,
+                                        n_heads=p.heads, n_kv_heads=p.heads, cap_feat_dim=p.text_hidden,
+                                        axes_dims=list(p.axes_dims), axes_lens=[p.max_length + 64, 64, 64])
+            torch.manual_seed(seed + 1)
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+                                block_out_channels=p.vae_channels, layers_per_block=1,
+                                down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+                                up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+                                norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
+                                scaling_factor=1.0, shift_factor=0.0)
+        comps = Components(transformer, ZImageTextEncoder(qwen, tok.pad_token_id), ChatTokenizer(tok, **TEMPLATE),
+                           FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
+        self.check_resolution(comps, resolution)
+        return comps
+
+    def load(self, folder: Path) -> Components:
+        tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        if tok.pad_token_id is None:
+            raise ValueError(f"model.pretrained: '{folder / 'tokenizer'}' has no pad token; Z-Image pads prompts to "
+                             "a fixed length and masks the padding")
+        text = ZImageTextEncoder(AutoModel.from_pretrained(folder, subfolder="text_encoder"), tok.pad_token_id)
+        return Components(FoundryZImage.from_pretrained(folder, subfolder="transformer"), text,
+                          ChatTokenizer(tok, **TEMPLATE), load_scheduler(folder),
+                          vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), family=self.name)
+
+    def save(self, comps: Components, out: Path) -> None:
+        pipe = self.pipeline(comps, comps.scheduler)
+        pipe.save_pretrained(out, safe_serialization=True)
+        plain_index(out, pipe, "ZImagePipeline")
+
+    def model_channels(self, comps: Components) -> int:
+        return int(comps.vae.config.latent_channels)
+
+    def model_side(self, comps: Components) -> int:
+        return int(comps.vae.config.sample_size) // comps.vae_factor
+
+    def pipeline(self, comps: Components, scheduler, sampler: str = "euler"):
+        return FoundryZImagePipeline(scheduler=scheduler, vae=comps.vae, text_encoder=comps.text_encoder.text_encoder,
+                                     tokenizer=comps.tokenizer.parts[0], transformer=comps.unet)
+
+    def pipeline_kwargs(self, comps: Components) -> dict[str, Any]:
+        """For the exported ZImagePipeline: our guidance g is its `guidance_scale` g - 1."""
+        return {"max_sequence_length": comps.tokenizer.model_max_length}
+
+    def lora_loader(self):
+        from diffusers.loaders import ZImageLoraLoaderMixin
+
+        return ZImageLoraLoaderMixin, "transformer"
+
+
+register(ZImage())
