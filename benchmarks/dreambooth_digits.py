@@ -7,6 +7,7 @@
    Prior preservation: prompt accuracy on "a handwritten digit k", k = 0..8, before vs after.
 
     python benchmarks/dreambooth_digits.py --out /tmp/db [--base RUN_DIR] [--experiment dreambooth_lora]
+    (Flux: --base-extra experiment=flux model.pretrained=VAE_DIR --extra loss.timestep_sampling=logit_normal)
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for the DreamBooth runs")
+    ap.add_argument("--base-extra", nargs="*", default=[],
+                    help="overrides for the base run (another family: experiment=flux model.pretrained=VAE_DIR)")
     ap.add_argument("--variants", nargs="+", default=["with_prior", "without_prior"],
                     choices=["with_prior", "without_prior"], help="which DreamBooth runs (default both)")
     ap.add_argument("--class-prompts", choices=["class", "digits"], default="class",
@@ -93,7 +96,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "train.ops.shards", "digits", "--digits", "0-8", "--out", str(shards)],
                        cwd=ROOT, check=True)
         s = train(args.out, "base-0-8", f"data.urls={shards}", f"trainer.max_steps={args.base_steps}",
-                  "callbacks.digits_eval.enabled=false")
+                  "callbacks.digits_eval.enabled=false", *args.base_extra)
         result["base_train_seconds"] = s["wall_seconds"]
         base = args.out / "base-0-8"
     result["base"] = str(base)

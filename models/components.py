@@ -71,6 +71,8 @@ def build_components(pretrained: str | None = None, preset: str = "tiny_pixel", 
     else:
         comps = family_for_preset(preset).build_preset(preset, resolution, seed, prediction_type=prediction_type,
                                                       beta_schedule=beta_schedule, flow_shift=flow_shift)
+    if resolution and (pretrained or base is not None):
+        comps.native_resolution = int(resolution)  # the run's image size where the folder's configs hold none
     comps.spec.configure(comps, guidance=guidance)
     if guidance_embedding:
         comps.unet = with_guidance_embedding(comps.unet, int(guidance_embedding))

@@ -36,6 +36,7 @@ class Components:
     vae: torch.nn.Module | None = None
     tokenizer_2: Any = None  # a second tokenizer the family saves and exports (SDXL)
     family: str = "sd"
+    native_resolution: int | None = None  # set where no config holds the image size (Qwen-Image): model.resolution
 
     @property
     def spec(self) -> "Family":
@@ -53,12 +54,12 @@ class Components:
 
     @property
     def vae_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else self.spec.vae_factor(self.vae)
 
     @property
     def resolution(self) -> int:
         """Image side in pixels."""
-        return self.sample_size * self.vae_factor
+        return self.native_resolution or self.sample_size * self.vae_factor
 
     def save_pretrained(self, out: str | Path) -> None:
         """Write the family's diffusers folder layout (safetensors)."""
@@ -102,6 +103,10 @@ class Family:
                              "leave it null (classifier-free guidance is a sampling setting)")
 
     # ----- shapes and spaces -----
+    def vae_factor(self, vae) -> int:
+        """Pixels per latent along a side."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
     def model_channels(self, comps: Components) -> int:
         return int(comps.unet.config.in_channels)
 

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from models.backbones import _SavedAsDiffusersClass
 from models.families.base import Components, Family, backbone_class, plain_index, register
 from models.families.flux_lora import flux_kohya_state
+from models.families.packing import pack, unpack, unpacked_callback
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
 from models.tiny import build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
@@ -52,15 +53,6 @@ class FluxTextEncoders(torch.nn.Module):
         context = self.text_encoder_2(input_ids[:, self.clip_length:])[0]
         row = torch.nn.functional.pad(pooled.to(context.dtype), (0, context.shape[-1] - pooled.shape[-1]))
         return (torch.cat([context, row[:, None]], dim=1),)
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return FluxPipeline._pack_latents(x, b, c, h, w)
-
-
-def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return FluxPipeline._unpack_latents(x, h, w, 1)
 
 
 class FoundryFlux(_SavedAsDiffusersClass, FluxTransformer2DModel):
@@ -112,7 +104,7 @@ class FoundryFluxPipeline(FluxPipeline):
         if latents is not None:
             latents = pack(latents)
         if callback_on_step_end is not None:  # the caller sees unpacked latents, as from every pipeline here
-            callback_on_step_end = _unpacked_callback(callback_on_step_end, h, w)
+            callback_on_step_end = unpacked_callback(callback_on_step_end, h, w)
         cfg = {"true_cfg_scale": float(guidance_scale), "negative_prompt": negative_prompt or ""} \
             if guidance_scale > 1 else {}
         out = super().__call__(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -124,13 +116,6 @@ class FoundryFluxPipeline(FluxPipeline):
             images = unpack(out.images if return_dict else out[0], h, w)
             return type(out)(images=images) if return_dict else (images,)
         return out
-
-
-def _unpacked_callback(callback, h: int, w: int):
-    def call(pipe, i, t, tensors: dict[str, Any]) -> dict[str, Any]:
-        out = callback(pipe, i, t, {**tensors, "latents": unpack(tensors["latents"], h, w)})
-        return {**tensors, **out, "latents": pack(out["latents"])} if "latents" in out else tensors
-    return call
 
 
 @dataclass(frozen=True)
