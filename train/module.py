@@ -25,7 +25,7 @@ from train.methods.base import Method, MethodView
 from train.nonfinite import StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
 from train.reference import FrozenReference
-from train.strategies import accumulation_boundary, is_deepspeed, step_rejected_by_strategy
+from train.strategies import accumulation_boundary, is_deepspeed, offloads_optimizer, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
 
@@ -359,12 +359,14 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts), "nonfinite_total": self.guard.total,
-                                 "config": self.run_config, "frozen_fingerprint": self._frozen_fingerprint,
+        checkpoint["foundry"] = {"skipped": dict(self.skipped), "source_counts": dict(self.source_counts),
+                                 "nonfinite_total": self.guard.total, "config": self.run_config,
+                                 "frozen_fingerprint": self._frozen_fingerprint, "family": self.components.family,
                                  "method": self.method.state_dict(self.view)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("foundry", {})
+        check_family(self, state.get("family"))
         self.skipped = Counter(state.get("skipped", {}))
         self.source_counts = Counter(state.get("source_counts", {}))
         self.guard.total = int(state.get("nonfinite_total", 0))
@@ -375,13 +377,6 @@ class DiffusionModule(FrozenReference, L.LightningModule):
             check_fingerprint(self, state.get("frozen_fingerprint"))
 
 
-def offloads_optimizer(trainer) -> bool:
-    """True under a DeepSpeed strategy whose config offloads the optimizer state to the CPU."""
-    config = getattr(getattr(trainer, "strategy", None), "config", None) if trainer is not None else None
-    offload = ((config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
-    return offload.get("device") in ("cpu", "nvme")
-
-
 def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], fingerprint: str | None) -> None:
     """A checkpoint must hold every trainable tensor; the frozen ones come from the rebuilt base, which must match."""
     frozen = module.frozen_keys()
@@ -390,6 +385,12 @@ def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], finger
         raise ValueError(f"checkpoint lacks {len(missing)} trainable tensor(s) (e.g. '{missing[0]}'): it was written "
                          "by a run with other adapter/model settings; resume with the same model and adapter config")
     check_fingerprint(module, fingerprint)
+
+
+def check_family(module: DiffusionModule, family: str | None) -> None:
+    if family and family != module.components.family:
+        raise ValueError(f"checkpoint: written by a {family}-family model, but this run builds a "
+                         f"{module.components.family}-family one; resume with the checkpoint's model config")
 
 
 def check_fingerprint(module: DiffusionModule, fingerprint: str | None) -> None:

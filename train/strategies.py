@@ -46,6 +46,13 @@ def shards_parameters(strategy: Any) -> bool:
     return is_zero3(strategy) or is_fsdp(strategy)
 
 
+def offloads_optimizer(trainer) -> bool:
+    """True under a DeepSpeed strategy whose config offloads the optimizer state to the CPU."""
+    config = getattr(getattr(trainer, "strategy", None), "config", None) if trainer is not None else None
+    offload = ((config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
+
+
 def accumulation_boundary(strategy: Any) -> bool:
     """True when this micro-batch's optimizer step is applied. Lightning calls the step every micro-batch under
     DeepSpeed, which counts micro-steps itself and steps only at its gradient-accumulation boundary."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import safe_open
 
 REGISTRY: dict[str, "Family"] = {}
 
@@ -212,10 +213,22 @@ def family_for_folder(folder: str | Path) -> Family:
         if family.claims(p, index):
             family.check_folder(p)
             return family
+    lora = p / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        raise ValueError(f"model.pretrained: '{p}' holds a LoRA (adapter files), not a model; point model.pretrained "
+                         f"at the base it was trained on ({adapter_base(lora) or 'see the file header'}) and train a "
+                         "new adapter over it")
     what = f"a {_class_name(index)} pipeline" if index else "no model_index.json and no known backbone"
     known = sorted({n for f in REGISTRY.values() for n in f.pipelines})
     raise ValueError(f"model.pretrained: '{p}' holds {what}; the families trained here load {', '.join(known)} "
                      "folders (or a folder with unet/ or transformer/ saved by save_pretrained)")
+
+
+def adapter_base(path: Path) -> str:
+    """The base model an exported adapter file names in its header ('' when it names none)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return str(json.loads(meta.get("foundry_adapter", "{}")).get("base_model", ""))
 
 
 def backbone_class(folder: Path) -> str:

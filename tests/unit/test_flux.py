@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models.components import build_components, load_pretrained, tokenize
 from models.export import export_pipeline, make_pipeline
@@ -105,6 +105,12 @@ def test_bad_flux_folders_are_one_line(flux_dir, tmp_path):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     with pytest.raises(ValueError, match=r"holds a WanPipeline pipeline; the families trained here load .*FluxPipeline"):
         family_for_folder(other)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file({"x": torch.zeros(1)}, str(lora / "pytorch_lora_weights.safetensors"),
+              metadata={"foundry_adapter": json.dumps({"base_model": "/models/flux-dev"})})
+    with pytest.raises(ValueError, match=r"holds a LoRA \(adapter files\), not a model; .*\(/models/flux-dev\)"):
+        family_for_folder(lora)
     with pytest.raises(ValueError, match="resolution=18: the flux family packs 2x2 patches of a 2x VAE"):
         build_components(preset="flux_micro", resolution=18)
     with pytest.raises(ValueError, match="model.guidance=3.0: the sd family has no guidance-embedding input"):
@@ -145,3 +151,11 @@ def test_kohya_layout_reads_back_through_diffusers_converter(flux, tmp_path):
                                               **flux.spec.pipeline_kwargs(flux)).images
     assert abs(images[DIFFUSERS_WEIGHTS] - plain).max() > 1e-2
     assert abs(images[DIFFUSERS_WEIGHTS] - images[KOHYA_WEIGHTS]).max() < 1e-5
+
+
+def test_checkpoint_from_another_family_is_refused_in_one_line(tiny_cfg):
+    from train.build import build_module
+
+    module = build_module(tiny_cfg())
+    with pytest.raises(ValueError, match="written by a flux-family model, but this run builds a sd-family one"):
+        module.on_load_checkpoint({"foundry": {"family": "flux"}, "state_dict": {}})
