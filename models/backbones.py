@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from models.pipeline import pooled_text
 
@@ -41,6 +42,34 @@ class _SavedAsDiffusersClass:
             return base.save_pretrained(self, *args, **kwargs)
         finally:
             self.__class__ = cls
+
+
+class UNetCall(_SavedAsDiffusersClass):
+    """A family's diffusers transformer called like every backbone here: `model(sample, t, encoder_hidden_states=
+    context).sample` on model-space `[B, C, h, w]` tensors with timesteps in [0, T]; the family's `denoise` does the
+    packing, ids and conventions. Called the diffusers way (`hidden_states=`, or lists for Z-Image), it is the plain
+    transformer, so the family's own pipeline runs it."""
+
+    unet_call = True
+
+    def forward(self, sample=None, timestep=None, encoder_hidden_states=None, *args, hidden_states=None,
+                timestep_cond=None, return_dict: bool = True, **kwargs):
+        if hidden_states is not None:
+            return self.diffusers_class.forward(self, hidden_states=hidden_states,
+                                                encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                                                return_dict=return_dict, **kwargs)
+        if isinstance(sample, list):
+            return self.diffusers_class.forward(self, sample, timestep, encoder_hidden_states, *args,
+                                                return_dict=return_dict, **kwargs)
+        if timestep_cond is not None:
+            raise ValueError(f"model.guidance_embedding: {self.diffusers_class.__name__} takes no guidance-weight "
+                             "input (Flux.1-dev's own guidance embedding is model.guidance)")
+        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
+        out = self.denoise(sample, t.expand(sample.shape[0]) if t.ndim == 0 else t, encoder_hidden_states)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class FoundryPixArt(_SavedAsDiffusersClass, PixArtTransformer2DModel):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
-                          T5Config, T5EncoderModel)
+                          Qwen3Config, T5Config, T5EncoderModel)
 
 from models.backbones import TRANSFORMER_PRESETS, build_transformer
 from models.digits_vocab import CAPTION_TEMPLATES, DIGIT_WORDS
@@ -76,6 +76,29 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512, max_length: int = 
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    model_max_length=max_length)
+
+
+# Qwen3's chat template, reduced to what a one-turn user prompt uses (Z-Image, Flux.2 [klein] read their prompts so)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def build_chat_tokenizer(vocab_size: int, max_length: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """The offline BPE with Qwen's turn markers as special tokens and its chat template (a chat LLM text encoder)."""
+    tok = build_tokenizer(corpus or default_caption_corpus(), vocab_size, max_length)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def build_qwen3(cls, tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, heads: int = 2):
+    """A small Qwen3 (`Qwen3Model` or `Qwen3ForCausalLM`) on the local tokenizer: Z-Image's and Flux.2's encoder."""
+    return cls(Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, head_dim=16,
+                           max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
 def build_text_encoder(p, tokenizer: PreTrainedTokenizerFast, projection_dim: int | None = None):
@@ -145,16 +168,20 @@ def vae_factor(p: Preset) -> int:
 
 def build_preset_vae(name: str, resolution: int, seed: int = 0):
     """The AutoencoderKL of a latent preset (None for pixel presets), deterministic for a seed."""
-    from diffusers import AutoencoderKL
-
     p = PRESETS.get(name)
     if p is None or not p.vae_channels:
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-                             block_out_channels=p.vae_channels, layers_per_block=1,
-                             down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                             up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-                             norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
-                             scaling_factor=1.0)
+        return build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
+
+
+def build_small_vae(channels: tuple[int, ...], latent_channels: int, resolution: int, cls=AutoencoderKL, **extra):
+    """A small AutoencoderKL-style VAE (one block per level, `2 ** (levels - 1)` downsampling), unscaled: what the
+    latent presets of every family start from (`python -m models.tiny_vae` trains one on the digits)."""
+    if cls is AutoencoderKL:
+        extra = {"scaling_factor": 1.0, "shift_factor": 0.0, **extra}
+    return cls(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(channels),
+               layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * len(channels),
+               up_block_types=("UpDecoderBlock2D",) * len(channels), norm_num_groups=min(8, channels[0]),
+               sample_size=resolution, **extra)

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 REGISTRY: dict[str, "Family"] = {}
+SINGLE_ENCODER_PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")  # Z-Image, Qwen-Image, Flux.2
 
 
 @dataclass
@@ -94,8 +95,17 @@ class Family:
     def build_preset(self, preset: str, resolution: int | None, seed: int) -> Components:
         raise NotImplementedError
 
+    def require_flow(self, prediction_type: str | None) -> None:
+        """Transformer families are flow-matching models; another objective is refused in one line."""
+        if prediction_type not in (None, "flow"):
+            raise ValueError(f"model.prediction_type={prediction_type}: the {self.name} family is trained by flow "
+                             "matching; use flow (or leave it null)")
+
     def save(self, comps: Components, out: Path) -> None:
-        raise NotImplementedError
+        """The family's pipeline folder, naming diffusers' own classes (loads in diffusers alone)."""
+        pipe = self.pipeline(comps, comps.scheduler)
+        pipe.save_pretrained(out, safe_serialization=True)
+        plain_index(out, pipe, self.pipelines[0])
 
     def configure(self, comps: Components, guidance: float | None = None) -> None:
         """Family options of the `model` group (Flux.1-dev's training guidance value)."""

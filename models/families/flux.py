@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from models.backbones import _SavedAsDiffusersClass
-from models.families.base import Components, Family, backbone_class, plain_index, register
+from models.backbones import UNetCall
+from models.families.base import Components, Family, backbone_class, register
 from models.families.flux_lora import flux_kohya_state
 from models.families.packing import pack, unpack, unpacked_callback
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
-from models.tiny import build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
+from models.tiny import build_small_vae, build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
 from models.tokens import JointTokenizer
 
 LATENT_CHANNELS = 16
@@ -55,33 +54,22 @@ class FluxTextEncoders(torch.nn.Module):
         return (torch.cat([context, row[:, None]], dim=1),)
 
 
-class FoundryFlux(_SavedAsDiffusersClass, FluxTransformer2DModel):
+class FoundryFlux(UNetCall, FluxTransformer2DModel):
     """Flux's transformer with the call signature of every backbone here (module docstring)."""
 
-    unet_call = True
     diffusers_class = FluxTransformer2DModel
     train_guidance = 1.0  # the guidance-embedding value of training and sampling (Flux.1-dev; `model.guidance`)
 
-    def forward(self, sample: torch.Tensor | None = None, timestep=None, encoder_hidden_states=None, *args,
-                hidden_states: torch.Tensor | None = None, timestep_cond=None, return_dict: bool = True, **kwargs):
-        if hidden_states is not None:  # diffusers' call (FluxPipeline)
-            return super().forward(hidden_states, encoder_hidden_states, *args, timestep=timestep,
-                                   return_dict=return_dict, **kwargs)
-        if timestep_cond is not None:
-            raise ValueError("model.guidance_embedding: Flux has its own guidance input; set model.guidance instead")
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = sample.shape
-        context, pooled = split_packed(encoder_hidden_states, self.config.pooled_projection_dim)
-        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
-        t = (t.expand(b) if t.ndim == 0 else t) / 1000
+        context, pooled = split_packed(context, self.config.pooled_projection_dim)
         guidance = torch.full((b,), float(self.train_guidance), device=sample.device, dtype=torch.float32) \
             if self.config.guidance_embeds else None
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, sample.device, sample.dtype)
         txt_ids = torch.zeros(context.shape[1], 3, device=sample.device, dtype=sample.dtype)
-        out = super().forward(pack(sample), context, pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-                              guidance=guidance, return_dict=False)[0]
-        out = unpack(out, h, w)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
+        out = FluxTransformer2DModel.forward(self, pack(sample), context, pooled, timestep=t / 1000, img_ids=img_ids,
+                                             txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        return unpack(out, h, w)
 
 class FoundryFluxPipeline(FluxPipeline):
     """FluxPipeline called like every sampler here: `guidance_scale` is classifier-free guidance against the empty
@@ -162,8 +150,7 @@ class Flux(Family):
     # ----- building -----
     def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
                      beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        if prediction_type not in (None, "flow"):
-            raise ValueError(f"model.prediction_type={prediction_type}: Flux is trained by flow matching; use flow")
+        self.require_flow(prediction_type)
         p, resolution = PRESETS[preset], resolution or 16
         corpus = default_caption_corpus()
         tok, tok_2 = build_tokenizer(corpus, p.vocab_size, p.max_length), build_tokenizer(corpus, p.vocab_size,
@@ -179,12 +166,7 @@ class Flux(Family):
                                       pooled_projection_dim=p.text_hidden, guidance_embeds=p.guidance_embeds,
                                       axes_dims_rope=p.rope_axes)
             torch.manual_seed(seed + 1)
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-                                block_out_channels=p.vae_channels, layers_per_block=1,
-                                down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                                up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-                                norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
-                                scaling_factor=1.0, shift_factor=0.0)
+            vae = build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
         tokens = (resolution // factor // 2) ** 2
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                     max_shift=1.15, base_image_seq_len=tokens,
@@ -203,11 +185,6 @@ class Flux(Family):
         return Components(FoundryFlux.from_pretrained(folder, subfolder="transformer"), text,
                           JointTokenizer(tok, tok_2), load_scheduler(folder),
                           vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), family=self.name)
-
-    def save(self, comps: Components, out: Path) -> None:
-        pipe = self.pipeline(comps, comps.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        plain_index(out, pipe, "FluxPipeline")
 
     def configure(self, comps: Components, guidance: float | None = None) -> None:
         if guidance is None:

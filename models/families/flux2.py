@@ -17,21 +17,17 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from models.backbones import _SavedAsDiffusersClass
-from models.families.base import Components, Family, plain_index, register
+from models.backbones import UNetCall
+from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
 from models.schedulers import load_scheduler
-from models.tiny import build_tokenizer, default_caption_corpus
+from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
 from models.tokens import ChatTokenizer
 
 TEMPLATE = {"enable_thinking": False}  # what Flux2KleinPipeline passes to apply_chat_template
 SAMPLING_STEPS = 50  # the pipeline's default; the training shift is its sampling shift at this many steps
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                 "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
 def out_layers(model) -> tuple[int, int, int]:
@@ -67,29 +63,19 @@ def tokens_to_space(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.permute(0, 2, 1).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
-class FoundryFlux2(_SavedAsDiffusersClass, Flux2Transformer2DModel):
+class FoundryFlux2(UNetCall, Flux2Transformer2DModel):
     """Flux.2's transformer with the call signature of every backbone here (module docstring)."""
 
-    unet_call = True
     diffusers_class = Flux2Transformer2DModel
 
-    def forward(self, sample: torch.Tensor | None = None, timestep=None, encoder_hidden_states=None, *args,
-                hidden_states: torch.Tensor | None = None, timestep_cond=None, return_dict: bool = True, **kwargs):
-        if hidden_states is not None:  # diffusers' call (Flux2KleinPipeline)
-            return super().forward(hidden_states, encoder_hidden_states, *args, timestep=timestep,
-                                   return_dict=return_dict, **kwargs)
-        if timestep_cond is not None:
-            raise ValueError("model.guidance_embedding: Flux.2 [klein] takes no guidance-weight input")
-        b, _, h, w = sample.shape
-        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
-        t = (t.expand(b) if t.ndim == 0 else t) / 1000
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = sample.shape
         img_ids = Flux2KleinPipeline._prepare_latent_ids(sample).to(sample.device)
-        txt_ids = Flux2KleinPipeline._prepare_text_ids(encoder_hidden_states).to(sample.device)
-        out = super().forward(Flux2KleinPipeline._pack_latents(sample), encoder_hidden_states, timestep=t,
-                              img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
-        out = tokens_to_space(out, h, w)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
+        txt_ids = Flux2KleinPipeline._prepare_text_ids(context).to(sample.device)
+        out = Flux2Transformer2DModel.forward(self, Flux2KleinPipeline._pack_latents(sample), context,
+                                              timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=None,
+                                              return_dict=False)[0]
+        return tokens_to_space(out, h, w)
 
 class FoundryFlux2Pipeline(Flux2KleinPipeline):
     """Flux2KleinPipeline called like every sampler here: latents in (and, for `output_type="latent"`, out) in the
@@ -148,34 +134,24 @@ def flux2_klein_4b_transformer() -> Flux2Transformer2DModel:
 class Flux2(Family):
     name = "flux2"
     pipelines = ("Flux2KleinPipeline",)
-    parts = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    parts = SINGLE_ENCODER_PARTS
     presets = tuple(PRESETS)
     text_encoder_lora = False
 
     def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
                      beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        if prediction_type not in (None, "flow"):
-            raise ValueError(f"model.prediction_type={prediction_type}: Flux.2 is trained by flow matching")
+        self.require_flow(prediction_type)
         p, resolution = PRESETS[preset], resolution or 16
-        tok = build_tokenizer(default_caption_corpus(), p.vocab_size, p.max_length)
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tok.chat_template = CHAT_TEMPLATE
+        tok = build_chat_tokenizer(p.vocab_size, p.max_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=p.text_hidden,
-                                                intermediate_size=2 * p.text_hidden, num_hidden_layers=p.text_layers,
-                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                                max_position_embeddings=p.max_length, pad_token_id=tok.pad_token_id,
-                                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+            qwen = build_qwen3(Qwen3ForCausalLM, tok, p.text_hidden, p.text_layers)
             transformer = FoundryFlux2(in_channels=4 * p.latent_channels, num_layers=p.layers,
                                        num_single_layers=p.single_layers, attention_head_dim=p.hidden // p.heads,
                                        num_attention_heads=p.heads, joint_attention_dim=3 * p.text_hidden,
                                        axes_dims_rope=p.rope_axes, guidance_embeds=False)
             torch.manual_seed(seed + 1)
-            vae = AutoencoderKLFlux2(latent_channels=p.latent_channels, block_out_channels=p.vae_channels,
-                                     down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                                     up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels), layers_per_block=1,
-                                     norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution)
+            vae = build_small_vae(p.vae_channels, p.latent_channels, resolution, cls=AutoencoderKLFlux2)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
         comps = Components(transformer, Flux2TextEncoder(qwen, tok.pad_token_id), ChatTokenizer(tok, **TEMPLATE),
                            scheduler, vae=vae, family=self.name)
@@ -190,11 +166,6 @@ class Flux2(Family):
         return Components(FoundryFlux2.from_pretrained(folder, subfolder="transformer"), text,
                           ChatTokenizer(tok, **TEMPLATE), load_scheduler(folder),
                           vae=AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae"), family=self.name)
-
-    def save(self, comps: Components, out: Path) -> None:
-        pipe = self.pipeline(comps, comps.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        plain_index(out, pipe, "Flux2KleinPipeline")
 
     # ----- shapes and spaces -----
     def vae_factor(self, vae) -> int:

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                        QwenImageTransformer2DModel)
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from models.backbones import _SavedAsDiffusersClass
-from models.families.base import Components, Family, plain_index, register
+from models.backbones import UNetCall
+from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
 from models.families.packing import pack, unpack, unpacked_callback
 from models.schedulers import load_scheduler
 from models.tiny import build_tokenizer, default_caption_corpus
@@ -82,28 +81,17 @@ def split_mask(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return context[:, :n], context[:, n, :n] > 0.5
 
 
-class FoundryQwenImage(_SavedAsDiffusersClass, QwenImageTransformer2DModel):
+class FoundryQwenImage(UNetCall, QwenImageTransformer2DModel):
     """Qwen-Image's transformer with the call signature of every backbone here (module docstring)."""
 
-    unet_call = True
     diffusers_class = QwenImageTransformer2DModel
 
-    def forward(self, sample: torch.Tensor | None = None, timestep=None, encoder_hidden_states=None, *args,
-                hidden_states: torch.Tensor | None = None, timestep_cond=None, return_dict: bool = True, **kwargs):
-        if hidden_states is not None:  # diffusers' call (QwenImagePipeline)
-            return super().forward(hidden_states, encoder_hidden_states, *args, timestep=timestep,
-                                   return_dict=return_dict, **kwargs)
-        if timestep_cond is not None:
-            raise ValueError("model.guidance_embedding: Qwen-Image takes no guidance-weight input")
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = sample.shape
-        context, mask = split_mask(encoder_hidden_states)
-        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
-        t = (t.expand(b) if t.ndim == 0 else t) / 1000
-        out = super().forward(pack(sample), context, mask.long(), timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * b,
-                              return_dict=False)[0]
-        out = unpack(out, h, w)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
+        context, mask = split_mask(context)
+        out = QwenImageTransformer2DModel.forward(self, pack(sample), context, mask.long(), timestep=t / 1000,
+                                                  img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return unpack(out, h, w)
 
 class FoundryQwenImagePipeline(QwenImagePipeline):
     """QwenImagePipeline called like every sampler here: `guidance_scale` is classifier-free guidance against the empty
@@ -169,15 +157,14 @@ def _qwen_vl(p: QwenPreset, tok) -> Qwen2_5_VLForConditionalGeneration:
 class QwenImage(Family):
     name = "qwen_image"
     pipelines = ("QwenImagePipeline",)
-    parts = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    parts = SINGLE_ENCODER_PARTS
     presets = tuple(PRESETS)
     patch = 2
     text_encoder_lora = False
 
     def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
                      beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        if prediction_type not in (None, "flow"):
-            raise ValueError(f"model.prediction_type={prediction_type}: Qwen-Image is trained by flow matching")
+        self.require_flow(prediction_type)
         p, resolution = PRESETS[preset], resolution or 16
         # the template in the corpus, so the small BPE spends few tokens on it (Qwen's own: 34 before the prompt)
         tok = build_tokenizer(default_caption_corpus() + [TEMPLATE.format("")] * 20, p.vocab_size,
@@ -214,11 +201,6 @@ class QwenImage(Family):
                           TemplateTokenizer(tok, caption), load_scheduler(folder),
                           vae=AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae"), family=self.name)
 
-    def save(self, comps: Components, out: Path) -> None:
-        pipe = self.pipeline(comps, comps.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        plain_index(out, pipe, "QwenImagePipeline")
-
     # ----- shapes and spaces -----
     def vae_factor(self, vae) -> int:
         return 2 ** len(vae.config.temperal_downsample)
@@ -246,8 +228,9 @@ class QwenImage(Family):
 
     # ----- exporting -----
     def pipeline(self, comps: Components, scheduler, sampler: str = "euler"):
-        pipe = FoundryQwenImagePipeline(scheduler=scheduler, vae=comps.vae, text_encoder=comps.text_encoder.text_encoder,
-                                        tokenizer=comps.tokenizer.parts[0], transformer=comps.unet)
+        pipe = FoundryQwenImagePipeline(scheduler=scheduler, vae=comps.vae, transformer=comps.unet,
+                                        text_encoder=comps.text_encoder.text_encoder,
+                                        tokenizer=comps.tokenizer.parts[0])
         pipe.native_resolution = comps.resolution
         return pipe
 

@@ -18,11 +18,11 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-from models.backbones import _SavedAsDiffusersClass
-from models.families.base import Components, Family, plain_index, register
+from models.backbones import UNetCall
+from models.families.base import Components, Family, register
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
-from models.tiny import build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
+from models.tiny import build_small_vae, build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
 from models.tokens import JointTokenizer
 
 LATENT_CHANNELS = 16
@@ -53,24 +53,14 @@ class SD3TextEncoders(torch.nn.Module):
         return (torch.cat([clip.to(t5.dtype), t5, row[:, None]], dim=1),)
 
 
-class FoundrySD3(_SavedAsDiffusersClass, SD3Transformer2DModel):
+class FoundrySD3(UNetCall, SD3Transformer2DModel):
     """SD3's transformer with the call signature of every backbone here (module docstring)."""
 
-    unet_call = True
     diffusers_class = SD3Transformer2DModel
 
-    def forward(self, sample: torch.Tensor | None = None, timestep=None, encoder_hidden_states=None, *args,
-                hidden_states: torch.Tensor | None = None, timestep_cond=None, return_dict: bool = True, **kwargs):
-        if hidden_states is not None:  # diffusers' call (StableDiffusion3Pipeline)
-            return super().forward(hidden_states, encoder_hidden_states, *args, timestep=timestep,
-                                   return_dict=return_dict, **kwargs)
-        if timestep_cond is not None:
-            raise ValueError("model.guidance_embedding: SD3 takes no guidance-weight input")
-        context, pooled = split_packed(encoder_hidden_states, self.config.pooled_projection_dim)
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-        return super().forward(sample, context, pooled, t, return_dict=return_dict)
-
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        context, pooled = split_packed(context, self.config.pooled_projection_dim)
+        return SD3Transformer2DModel.forward(self, sample, context, pooled, t, return_dict=False)[0]
 
 class FoundrySD3Pipeline(StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline that tokenizes T5 to the length the model was trained with (exported as the plain
@@ -124,8 +114,7 @@ class SD3(Family):
 
     def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
                      beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        if prediction_type not in (None, "flow"):
-            raise ValueError(f"model.prediction_type={prediction_type}: SD3 is trained by flow matching; use flow")
+        self.require_flow(prediction_type)
         p, resolution = PRESETS[preset], resolution or 16
         corpus = default_caption_corpus()
         toks = [build_tokenizer(corpus, p.vocab_size, p.max_length) for _ in range(3)]
@@ -141,12 +130,7 @@ class SD3(Family):
                                      out_channels=LATENT_CHANNELS, pos_embed_max_size=resolution // factor // 2 + 8,
                                      qk_norm="rms_norm", dual_attention_layers=p.dual_attention_layers)
             torch.manual_seed(seed + 1)
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-                                block_out_channels=p.vae_channels, layers_per_block=1,
-                                down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                                up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-                                norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
-                                scaling_factor=1.0, shift_factor=0.0)
+            vae = build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
         comps = Components(transformer, SD3TextEncoders(*encoders, t5, p.max_length), JointTokenizer(*toks),
                            FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
         self.check_resolution(comps, resolution)
@@ -165,11 +149,6 @@ class SD3(Family):
         return Components(FoundrySD3.from_pretrained(folder, subfolder="transformer"), text, JointTokenizer(*toks),
                           load_scheduler(folder), vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
                           family=self.name)
-
-    def save(self, comps: Components, out: Path) -> None:
-        pipe = self.pipeline(comps, comps.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        plain_index(out, pipe, "StableDiffusion3Pipeline")
 
     def model_channels(self, comps: Components) -> int:
         return int(comps.vae.config.latent_channels)

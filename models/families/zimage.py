@@ -19,21 +19,16 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from transformers import AutoModel, AutoTokenizer, Qwen3Config, Qwen3Model
+from transformers import AutoModel, AutoTokenizer, Qwen3Model
 
-from models.backbones import _SavedAsDiffusersClass
-from models.families.base import Components, Family, plain_index, register
+from models.backbones import UNetCall
+from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
 from models.schedulers import load_scheduler
-from models.tiny import build_tokenizer, default_caption_corpus
+from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
 from models.tokens import ChatTokenizer
 
 LATENT_CHANNELS = 16
 TEMPLATE = {"enable_thinking": True}  # what ZImagePipeline passes to apply_chat_template
-# Qwen3's chat template, reduced to what a one-turn user prompt uses
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                 "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
 class ZImageTextEncoder(torch.nn.Module):
@@ -49,7 +44,8 @@ class ZImageTextEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
         mask = input_ids != self.pad_token_id  # right padding: the tokenizer's attention mask
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        out = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-2]
         if hidden.shape[-1] < hidden.shape[1]:
             raise ValueError(f"Z-Image text encoder: {hidden.shape[1]} tokens do not fit a mask row of width "
                              f"{hidden.shape[-1]}; lower the tokenizer's model_max_length")
@@ -64,25 +60,15 @@ def captions(context: torch.Tensor) -> list[torch.Tensor]:
     return [h[m] for h, m in zip(hidden, mask)]
 
 
-class FoundryZImage(_SavedAsDiffusersClass, ZImageTransformer2DModel):
+class FoundryZImage(UNetCall, ZImageTransformer2DModel):
     """Z-Image's transformer with the call signature of every backbone here (module docstring)."""
 
-    unet_call = True
     diffusers_class = ZImageTransformer2DModel
 
-    def forward(self, sample, timestep=None, encoder_hidden_states=None, *args, timestep_cond=None,
-                return_dict: bool = True, **kwargs):
-        if isinstance(sample, list):  # diffusers' call (ZImagePipeline): lists of latents and captions
-            return super().forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        if timestep_cond is not None:
-            raise ValueError("model.guidance_embedding: Z-Image takes no guidance-weight input")
-        t = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
-        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-        out = super().forward(list(sample.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions(encoder_hidden_states),
-                              return_dict=False)[0]
-        pred = -torch.stack(out).squeeze(2).to(sample.dtype)
-        return Transformer2DModelOutput(sample=pred) if return_dict else (pred,)
-
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out = ZImageTransformer2DModel.forward(self, list(sample.unsqueeze(2).unbind(0)), (1000 - t) / 1000,
+                                               captions(context), return_dict=False)[0]
+        return -torch.stack(out).squeeze(2).to(sample.dtype)
 
 class FoundryZImagePipeline(ZImagePipeline):
     """ZImagePipeline called like every sampler here (module docstring: g -> s = g - 1)."""
@@ -124,38 +110,25 @@ def z_image_transformer() -> ZImageTransformer2DModel:
 class ZImage(Family):
     name = "zimage"
     pipelines = ("ZImagePipeline",)
-    parts = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    parts = SINGLE_ENCODER_PARTS
     presets = tuple(PRESETS)
     patch = 2
     text_encoder_lora = False
 
     def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
                      beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        if prediction_type not in (None, "flow"):
-            raise ValueError(f"model.prediction_type={prediction_type}: Z-Image is trained by flow matching; use flow")
+        self.require_flow(prediction_type)
         p, resolution = PRESETS[preset], resolution or 16
-        tok = build_tokenizer(default_caption_corpus(), p.vocab_size, p.max_length)
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tok.chat_template = CHAT_TEMPLATE
+        tok = build_chat_tokenizer(p.vocab_size, p.max_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            heads = max(1, p.text_hidden // 16)
-            qwen = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=p.text_hidden,
-                                          intermediate_size=2 * p.text_hidden, num_hidden_layers=p.text_layers + 1,
-                                          num_attention_heads=heads, num_key_value_heads=1, head_dim=16,
-                                          max_position_embeddings=p.max_length, pad_token_id=tok.pad_token_id,
-                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+            qwen = build_qwen3(Qwen3Model, tok, p.text_hidden, p.text_layers + 1, heads=max(1, p.text_hidden // 16))
             transformer = FoundryZImage(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=LATENT_CHANNELS,
                                         dim=p.dim, n_layers=p.layers, n_refiner_layers=p.refiner_layers,
                                         n_heads=p.heads, n_kv_heads=p.heads, cap_feat_dim=p.text_hidden,
                                         axes_dims=list(p.axes_dims), axes_lens=[p.max_length + 64, 64, 64])
             torch.manual_seed(seed + 1)
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-                                block_out_channels=p.vae_channels, layers_per_block=1,
-                                down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                                up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-                                norm_num_groups=min(8, p.vae_channels[0]), sample_size=resolution,
-                                scaling_factor=1.0, shift_factor=0.0)
+            vae = build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
         comps = Components(transformer, ZImageTextEncoder(qwen, tok.pad_token_id), ChatTokenizer(tok, **TEMPLATE),
                            FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
         self.check_resolution(comps, resolution)
@@ -170,11 +143,6 @@ class ZImage(Family):
         return Components(FoundryZImage.from_pretrained(folder, subfolder="transformer"), text,
                           ChatTokenizer(tok, **TEMPLATE), load_scheduler(folder),
                           vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), family=self.name)
-
-    def save(self, comps: Components, out: Path) -> None:
-        pipe = self.pipeline(comps, comps.scheduler)
-        pipe.save_pretrained(out, safe_serialization=True)
-        plain_index(out, pipe, "ZImagePipeline")
 
     def model_channels(self, comps: Components) -> int:
         return int(comps.vae.config.latent_channels)

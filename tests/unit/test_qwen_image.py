@@ -22,7 +22,8 @@ SIZE = dict(height=16, width=16)
 @pytest.fixture(scope="module")
 def qwen():
     comps = build_components(preset="qwen_image_micro")
-    comps.vae.register_to_config(latents_mean=[0.1 * i for i in range(16)], latents_std=[1.0 + 0.1 * i for i in range(16)])
+    comps.vae.register_to_config(latents_mean=[0.1 * i for i in range(16)],  # statistics as a trained VAE has
+                                 latents_std=[1.0 + 0.1 * i for i in range(16)])
     return comps
 
 

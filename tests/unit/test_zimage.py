@@ -31,7 +31,8 @@ def zimg_dir(zimg, tmp_path_factory):
 
 def test_folder_encodes_like_z_image_pipeline(zimg_dir):
     index = json.loads((zimg_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "ZImagePipeline" and index["transformer"] == ["diffusers", "ZImageTransformer2DModel"]
+    assert index["_class_name"] == "ZImagePipeline"
+    assert index["transformer"] == ["diffusers", "ZImageTransformer2DModel"]
     ref = ZImagePipeline.from_pretrained(zimg_dir)
     comps = load_pretrained(zimg_dir)
     assert comps.family == "zimage" and isinstance(comps.unet, FoundryZImage)
