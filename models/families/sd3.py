@@ -66,6 +66,9 @@ class FoundrySD3Pipeline(StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline that tokenizes T5 to the length the model was trained with (exported as the plain
     pipeline: pass `max_sequence_length` yourself, see `SD3.pipeline_kwargs`)."""
 
+    def model_space(self) -> tuple[int, int]:
+        return int(self.transformer.config.in_channels), int(self.transformer.config.sample_size)
+
     def __call__(self, *args, eta: float = 0.0, **kwargs):
         kwargs.setdefault("max_sequence_length", int(self.tokenizer_3.model_max_length))
         return super().__call__(*args, **kwargs)

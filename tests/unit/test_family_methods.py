@@ -50,3 +50,14 @@ def test_flow_methods_train_every_family(tiny_cfg, family, method):
 def test_a_method_needing_another_objective_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="works with model.prediction_type .*not flow"):
         build_module(tiny_cfg("model=flux_tiny", "model.preset=flux_micro", "experiment=spin"))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_pipeline_reports_its_model_space(family):
+    """The digits evaluation's straightness draws x_T in the model space the family's pipeline denoises."""
+    from models.components import build_components
+    from models.export import make_pipeline
+    from train.digits_eval import model_space
+
+    comps = build_components(preset=FAMILIES[family])
+    assert model_space(make_pipeline(comps, "euler")) == (comps.in_channels, comps.sample_size)
