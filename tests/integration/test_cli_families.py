@@ -30,14 +30,14 @@ def test_family_folder_lora_trains_resumes_and_exports(tmp_path, family):
     comps = build_components(preset=PRESETS[family])
     comps.save_pretrained(base)
     common = ["model=pretrained", f"model.pretrained={base}", "model.resolution=16", "adapter=lora", "adapter.rank=4",
-              "optimizer.lr=0.02", f"paths.output_dir={tmp_path}", "run_name=lora", "model.preset=null"]
+              "optimizer.lr=0.05", f"paths.output_dir={tmp_path}", "run_name=lora", "model.preset=null"]
     res = run(*common, "trainer.max_steps=2")
     assert res.returncode == 0, res.stderr[-3000:]
     res = run(*common, "trainer.max_steps=4")
     assert res.returncode == 0 and "at step 2" in res.stdout + res.stderr, res.stderr[-3000:]
     out = tmp_path / "export"
-    res = subprocess.run([*cli()[:-1], "train.ops.export", str(tmp_path / "lora"), str(out)], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([*cli()[:-1], "train.ops.export", str(tmp_path / "lora"), str(out), "--no-ema"],
+                         capture_output=True, text=True, timeout=300)  # the raw weights: 4 steps of EMA barely move
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
     assert not (out / "base").exists()  # the base is the folder the run trained on
@@ -48,10 +48,10 @@ def test_family_folder_lora_trains_resumes_and_exports(tmp_path, family):
     before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     pipe.load_lora_weights(out)
     after = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert np.abs(after - before).max() > 2e-3, "the trained LoRA does not change the output"
+    assert np.abs(after - before).max() > 5e-4, "the trained LoRA does not change the output"  # noise: ~1e-5
     from train.build import load_pipeline
 
     ours = load_pipeline(tmp_path / "lora", use_ema=False, sampler="euler")
     mine = ours("a handwritten digit one", generator=torch.Generator().manual_seed(0), guidance_scale=1.0,
                 num_inference_steps=2, output_type="np").images
-    assert np.abs(mine - after).max() < 1e-3  # merged weights vs a separate LoRA path: float32 rounding only
+    assert np.abs(mine - after).max() < 1e-4  # merged weights vs a separate LoRA path: float32 rounding only
