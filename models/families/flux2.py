@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from models.backbones import UNetCall
 from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
+from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
 from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
 from models.tokens import ChatTokenizer
@@ -36,22 +37,13 @@ def out_layers(model) -> tuple[int, int, int]:
     return n // 4, n // 2, 3 * n // 4
 
 
-class Flux2TextEncoder(torch.nn.Module):
+class Flux2TextEncoder(LLMTextEncoder):
     """Qwen3 on chat-templated ids; three layers' hidden states side by side, `[B, L, 3 D]` (padding included, as the
     pipeline passes it)."""
 
-    def __init__(self, model: Qwen3ForCausalLM, pad_token_id: int):
-        super().__init__()
-        self.text_encoder, self.pad_token_id = model, int(pad_token_id)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        mask = (input_ids != self.pad_token_id).long()  # right padding: the tokenizer's attention mask
-        out = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return (torch.cat([out.hidden_states[k] for k in out_layers(self.text_encoder)], dim=-1),)
+        _, states = self.hidden_states(input_ids)
+        return (torch.cat([states[k] for k in out_layers(self.text_encoder)], dim=-1),)
 
 
 def patchify(x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from models.backbones import UNetCall
 from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
 from models.families.packing import pack, unpack, unpacked_callback
+from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
 from models.tiny import build_tokenizer, default_caption_corpus
 
@@ -51,22 +52,17 @@ class TemplateTokenizer:
         return ids.to(torch.int64)
 
 
-class QwenTextEncoder(torch.nn.Module):
+class QwenTextEncoder(LLMTextEncoder):
     """Qwen2.5-VL's last hidden states of each prompt's real tokens after the template's first DROP, left-aligned and
     zero-padded to the caption length, with the mask as a last row."""
 
     def __init__(self, model, pad_token_id: int, caption_length: int):
-        super().__init__()
-        self.text_encoder, self.pad_token_id, self.caption_length = model, int(pad_token_id), int(caption_length)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
+        super().__init__(model, pad_token_id)
+        self.caption_length = int(caption_length)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        mask = input_ids != self.pad_token_id
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask.long(),
-                                   output_hidden_states=True).hidden_states[-1]
+        mask, states = self.hidden_states(input_ids)
+        hidden = states[-1]
         n, width = self.caption_length, hidden.shape[-1]
         out = hidden.new_zeros(hidden.shape[0], n + 1, width)
         for i, (h, m) in enumerate(zip(hidden, mask)):

@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer, Qwen3Model
 
 from models.backbones import UNetCall
 from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
+from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
 from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
 from models.tokens import ChatTokenizer
@@ -31,21 +32,12 @@ LATENT_CHANNELS = 16
 TEMPLATE = {"enable_thinking": True}  # what ZImagePipeline passes to apply_chat_template
 
 
-class ZImageTextEncoder(torch.nn.Module):
+class ZImageTextEncoder(LLMTextEncoder):
     """Qwen3 on chat-templated ids: penultimate hidden states (zero at padding) and the mask as a last row."""
 
-    def __init__(self, model: Qwen3Model, pad_token_id: int):
-        super().__init__()
-        self.text_encoder, self.pad_token_id = model, int(pad_token_id)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        mask = input_ids != self.pad_token_id  # right padding: the tokenizer's attention mask
-        out = self.text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-2]
+        mask, states = self.hidden_states(input_ids)
+        hidden = states[-2]
         if hidden.shape[-1] < hidden.shape[1]:
             raise ValueError(f"Z-Image text encoder: {hidden.shape[1]} tokens do not fit a mask row of width "
                              f"{hidden.shape[-1]}; lower the tokenizer's model_max_length")
