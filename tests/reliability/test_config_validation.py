@@ -18,7 +18,6 @@ def test_the_default_and_test_configs_are_valid():
     ("optimizer.lr=0", "optimizer.lr"),
     ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps"),
     ("data.steps_per_epoch=null", "data.resampled=true needs data.steps_per_epoch"),
-    ("lr_scheduler.warmup_steps=100", "lr_scheduler.warmup_steps=100 >= trainer.max_steps=4"),
     ("run_name=a/b", "run_name"),
     ("adapter=lora model.train_text_encoder=true", "model.train_text_encoder=true with adapter.kind=lora"),
     ("method=dpo", "method=dpo needs preference pairs but data.kind=image"),
@@ -32,3 +31,13 @@ def test_bad_values_name_the_key(override, key):
         validate(compose(override.split()))
     message = str(err.value)
     assert key in message and "\n" not in message
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_a_tenth_of_it():
+    from train.ops.validate import fit_short_run
+
+    cfg = compose(["trainer.max_steps=10", "lr_scheduler.warmup_steps=100"])
+    note = fit_short_run(cfg)
+    assert cfg.lr_scheduler.warmup_steps == 1 and "warming up over 1 step(s)" in note and "\n" not in note
+    validate(cfg)
+    assert fit_short_run(compose(["trainer.max_steps=200", "lr_scheduler.warmup_steps=100"])) is None

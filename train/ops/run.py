@@ -17,7 +17,7 @@ from train.checkpoint import checkpoint_step, resolve_ckpt_path
 from train.ops.launch import apply_plan, dry_run, make_plan
 from train.ops.tracking import finish_run, record_run
 from train.ops.trainer import build_datamodule, build_trainer
-from train.ops.validate import check_offload_room, validate
+from train.ops.validate import check_offload_room, fit_short_run, validate
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ def configured_urls(cfg: DictConfig) -> list[str] | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    note = fit_short_run(cfg)  # short runs are allowed: their warmup shrinks, with one line saying so
+    if note:
+        log.warning(note)
     validate(cfg)  # bad values fail here, in one line, before any model or worker is built
     run_dir = current_run_dir(cfg)
     urls = configured_urls(cfg)

@@ -85,11 +85,19 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "run_name", lambda v: isinstance(v, str) and v and "/" not in v, "a name without '/'")
     if cfg.data.get("resampled") and cfg.data.get("steps_per_epoch") is None:
         raise ConfigError("data.resampled=true needs data.steps_per_epoch (a resampled stream never ends)")
-    warmup, steps = _get(cfg, "lr_scheduler.warmup_steps"), _get(cfg, "trainer.max_steps")
-    if steps and steps > 0 and warmup >= steps:
-        raise ConfigError(f"lr_scheduler.warmup_steps={warmup} >= trainer.max_steps={steps}: the learning rate "
-                          "would never leave warmup; lower warmup_steps")
     validate_combinations(cfg)
+
+
+def fit_short_run(cfg: DictConfig) -> str | None:
+    """A run shorter than its warmup (`trainer.max_steps=10`, a smoke run of any experiment) gets a warmup of a tenth
+    of its steps instead of a refusal; returns the one line saying so (None when nothing changed). The changed value
+    is what the run records and resumes with."""
+    warmup, steps = _get(cfg, "lr_scheduler.warmup_steps"), _get(cfg, "trainer.max_steps")
+    if not (_int(warmup) and _int(steps) and steps > 0 and warmup >= steps):
+        return None
+    cfg.lr_scheduler.warmup_steps = steps // 10
+    return (f"trainer.max_steps={steps} is shorter than lr_scheduler.warmup_steps={warmup}: warming up over "
+            f"{steps // 10} step(s) instead (a tenth of the run)")
 
 
 def _target(cfg: DictConfig, key: str) -> str:
