@@ -51,7 +51,9 @@ class Components:
 
     @property
     def sample_size(self) -> int:
-        """Side of the model space (pixels, or latents when a VAE is present)."""
+        """Side of the model space (pixels, or latents when a VAE is present) at the run's resolution."""
+        if self.native_resolution:
+            return self.native_resolution // self.vae_factor
         return self.spec.model_side(self)
 
     @property
@@ -92,7 +94,8 @@ class Family:
     def load(self, folder: Path) -> Components:
         raise NotImplementedError
 
-    def build_preset(self, preset: str, resolution: int | None, seed: int) -> Components:
+    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
+                     beta_schedule: str = "squaredcos_cap_v2", flow_shift: float = 1.0) -> Components:
         raise NotImplementedError
 
     def require_flow(self, prediction_type: str | None) -> None:
