@@ -185,6 +185,31 @@ class Family:
         return StableDiffusionLoraLoaderMixin, "unet"
 
 
+class FlowFamily(Family):
+    """The transformer families (Flux, Flux.2, Qwen-Image, Z-Image, SD3): flow matching only, a transformer folder
+    with one text encoder unless they say otherwise, 2x2 patches, text-encoder LoRA refused. A preset is a row of
+    `preset_table` that `build_tiny` turns into components."""
+
+    parts = SINGLE_ENCODER_PARTS
+    patch = 2
+    text_encoder_lora = False
+    preset_table: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def presets(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.preset_table)
+
+    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
+                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
+        self.require_flow(prediction_type)
+        comps = self.build_tiny(self.preset_table[preset], resolution or 16, seed)
+        self.check_resolution(comps, resolution or 16)
+        return comps
+
+    def build_tiny(self, p: Any, resolution: int, seed: int) -> Components:
+        raise NotImplementedError
+
+
 def register(family: Family) -> Family:
     REGISTRY[family.name] = family
     return family

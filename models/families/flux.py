@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from models.backbones import UNetCall
-from models.families.base import Components, Family, backbone_class, register
+from models.families.base import Components, FlowFamily, backbone_class, register
 from models.families.flux_lora import flux_kohya_state
 from models.families.packing import pack, unpack, unpacked_callback
 from models.schedulers import load_scheduler
@@ -137,21 +137,17 @@ def flux1_dev_transformer() -> FluxTransformer2DModel:
         return FluxTransformer2DModel(guidance_embeds=True)
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
     pipelines = ("FluxPipeline",)
     parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
-    presets = tuple(PRESETS)
-    patch = 2
+    preset_table = PRESETS
 
     def claims(self, folder: Path, index: dict[str, Any]) -> bool:
         return super().claims(folder, index) or (not index and backbone_class(folder) == "FluxTransformer2DModel")
 
     # ----- building -----
-    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
-                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        self.require_flow(prediction_type)
-        p, resolution = PRESETS[preset], resolution or 16
+    def build_tiny(self, p, resolution: int, seed: int) -> Components:
         corpus = default_caption_corpus()
         tok, tok_2 = build_tokenizer(corpus, p.vocab_size, p.max_length), build_tokenizer(corpus, p.vocab_size,
                                                                                             p.max_length)
@@ -173,7 +169,6 @@ class Flux(Family):
                                                     max_image_seq_len=16 * tokens)
         comps = Components(transformer, FluxTextEncoders(clip, t5, p.max_length), JointTokenizer(tok, tok_2),
                            scheduler, vae=vae, family=self.name)
-        self.check_resolution(comps, resolution)
         return comps
 
     def load(self, folder: Path) -> Components:
@@ -216,7 +211,6 @@ class Flux(Family):
     def pipeline_kwargs(self, comps: Components) -> dict[str, Any]:
         return self.call_kwargs(comps.unet, comps.tokenizer.parts[1])
 
-    text_encoder_lora = False
     # attention of both streams, the MLPs, the single blocks' fused MLP input: the layers peer trainers adapt, all
     # with a place in the kohya/ComfyUI layout (models/families/flux_lora.py)
     adapter_targets = {"attn_mlp": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

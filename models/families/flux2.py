@@ -21,7 +21,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from models.backbones import UNetCall
-from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
+from models.families.base import Components, FlowFamily, register
 from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
 from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
@@ -123,17 +123,13 @@ def flux2_klein_4b_transformer() -> Flux2Transformer2DModel:
                                        joint_attention_dim=7680, guidance_embeds=False)
 
 
-class Flux2(Family):
+class Flux2(FlowFamily):
     name = "flux2"
     pipelines = ("Flux2KleinPipeline",)
-    parts = SINGLE_ENCODER_PARTS
-    presets = tuple(PRESETS)
-    text_encoder_lora = False
+    preset_table = PRESETS
+    patch = 1  # the 2x2 patchify is part of its model space (vae_factor), the transformer cuts none
 
-    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
-                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        self.require_flow(prediction_type)
-        p, resolution = PRESETS[preset], resolution or 16
+    def build_tiny(self, p, resolution: int, seed: int) -> Components:
         tok = build_chat_tokenizer(p.vocab_size, p.max_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -147,7 +143,6 @@ class Flux2(Family):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
         comps = Components(transformer, Flux2TextEncoder(qwen, tok.pad_token_id), ChatTokenizer(tok, **TEMPLATE),
                            scheduler, vae=vae, family=self.name)
-        self.check_resolution(comps, resolution)
         return comps
 
     def load(self, folder: Path) -> Components:

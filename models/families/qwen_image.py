@@ -20,7 +20,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from models.backbones import UNetCall
-from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
+from models.families.base import Components, FlowFamily, register
 from models.families.packing import pack, unpack, unpacked_callback
 from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
@@ -150,18 +150,12 @@ def _qwen_vl(p: QwenPreset, tok) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
 
 
-class QwenImage(Family):
+class QwenImage(FlowFamily):
     name = "qwen_image"
     pipelines = ("QwenImagePipeline",)
-    parts = SINGLE_ENCODER_PARTS
-    presets = tuple(PRESETS)
-    patch = 2
-    text_encoder_lora = False
+    preset_table = PRESETS
 
-    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
-                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        self.require_flow(prediction_type)
-        p, resolution = PRESETS[preset], resolution or 16
+    def build_tiny(self, p, resolution: int, seed: int) -> Components:
         # the template in the corpus, so the small BPE spends few tokens on it (Qwen's own: 34 before the prompt)
         tok = build_tokenizer(default_caption_corpus() + [TEMPLATE.format("")] * 20, p.vocab_size,
                               p.caption_length + DROP)
@@ -183,7 +177,6 @@ class QwenImage(Family):
                                                     max_image_seq_len=16 * tokens)
         comps = Components(transformer, text, TemplateTokenizer(tok, p.caption_length), scheduler, vae=vae,
                            family=self.name, native_resolution=resolution)
-        self.check_resolution(comps, resolution)
         return comps
 
     def load(self, folder: Path) -> Components:

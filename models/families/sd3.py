@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from models.backbones import UNetCall
-from models.families.base import Components, Family, register
+from models.families.base import Components, FlowFamily, register
 from models.schedulers import load_scheduler
 from models.sdxl import split_packed
 from models.tiny import build_small_vae, build_t5_encoder, build_text_encoder, build_tokenizer, default_caption_corpus
@@ -107,18 +107,14 @@ def sd35_large_transformer() -> SD3Transformer2DModel:
                                      qk_norm="rms_norm")
 
 
-class SD3(Family):
+class SD3(FlowFamily):
     name = "sd3"
     pipelines = ("StableDiffusion3Pipeline",)
     parts = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
              "tokenizer_3", "vae", "scheduler")
-    presets = tuple(PRESETS)
-    text_encoder_lora = False
+    preset_table = PRESETS
 
-    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
-                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        self.require_flow(prediction_type)
-        p, resolution = PRESETS[preset], resolution or 16
+    def build_tiny(self, p, resolution: int, seed: int) -> Components:
         corpus = default_caption_corpus()
         toks = [build_tokenizer(corpus, p.vocab_size, p.max_length) for _ in range(3)]
         factor = 2 ** (len(p.vae_channels) - 1)
@@ -136,7 +132,6 @@ class SD3(Family):
             vae = build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
         comps = Components(transformer, SD3TextEncoders(*encoders, t5, p.max_length), JointTokenizer(*toks),
                            FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
-        self.check_resolution(comps, resolution)
         return comps
 
     def load(self, folder: Path) -> Components:

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipe
 from transformers import AutoModel, AutoTokenizer, Qwen3Model
 
 from models.backbones import UNetCall
-from models.families.base import SINGLE_ENCODER_PARTS, Components, Family, register
+from models.families.base import Components, FlowFamily, register
 from models.families.text import LLMTextEncoder
 from models.schedulers import load_scheduler
 from models.tiny import build_chat_tokenizer, build_qwen3, build_small_vae
@@ -99,18 +99,12 @@ def z_image_transformer() -> ZImageTransformer2DModel:
         return ZImageTransformer2DModel()
 
 
-class ZImage(Family):
+class ZImage(FlowFamily):
     name = "zimage"
     pipelines = ("ZImagePipeline",)
-    parts = SINGLE_ENCODER_PARTS
-    presets = tuple(PRESETS)
-    patch = 2
-    text_encoder_lora = False
+    preset_table = PRESETS
 
-    def build_preset(self, preset: str, resolution: int | None, seed: int, prediction_type: str | None = None,
-                     beta_schedule: str = "", flow_shift: float = 1.0) -> Components:
-        self.require_flow(prediction_type)
-        p, resolution = PRESETS[preset], resolution or 16
+    def build_tiny(self, p, resolution: int, seed: int) -> Components:
         tok = build_chat_tokenizer(p.vocab_size, p.max_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -123,7 +117,6 @@ class ZImage(Family):
             vae = build_small_vae(p.vae_channels, LATENT_CHANNELS, resolution)
         comps = Components(transformer, ZImageTextEncoder(qwen, tok.pad_token_id), ChatTokenizer(tok, **TEMPLATE),
                            FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
-        self.check_resolution(comps, resolution)
         return comps
 
     def load(self, folder: Path) -> Components:
