@@ -15,14 +15,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from models.adapters import AdapterSpec, apply_adapter, has_peft_adapter, merge_adapters
+from models.block_swap import BlockSwap
 from models.components import Components, apply_speed_switches, build_components, load_pretrained
 from models.export import make_pipeline
+from models.quantize import quantize_frozen
 from train.checkpoint import find_checkpoint, is_diffusers_folder, is_training_checkpoint, read_checkpoint
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule, check_state_dict
 from train.redaction import scrub
 
 log = logging.getLogger(__name__)
+
+# training-time memory settings: popped here, dropped when a trained module is rebuilt to sample, evaluate or export
+MEMORY_DEFAULTS = {"quantize": "none", "quantize_text_encoder": False, "block_swap": 0}
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return scrub(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -37,11 +42,21 @@ def build_model(cfg: DictConfig) -> Components:
     (continued training and fine-tuning start from a foundry run without an export step). Then the adapter."""
     kwargs = _kwargs(cfg.model)
     speed = {key: kwargs.pop(key, False) for key in ("compile", "channels_last")}
+    memory = {key: kwargs.pop(key, default) for key, default in MEMORY_DEFAULTS.items()}
     pretrained = kwargs.get("pretrained")
     if pretrained and is_training_checkpoint(pretrained):
         kwargs["base"], kwargs["pretrained"] = load_components(pretrained, use_ema=True), None
     components = build_components(**kwargs)
-    apply_adapter(components, adapter_spec(cfg))
+    spec = adapter_spec(cfg)
+    if memory["quantize"] != "none":  # the frozen base, before the adapter wraps its layers
+        if spec.enabled:
+            components.unet.requires_grad_(False)
+        quantize_frozen(components.unet, memory["quantize"])
+        if memory["quantize_text_encoder"] and not any(p.requires_grad for p in components.text_encoder.parameters()):
+            quantize_frozen(components.text_encoder, memory["quantize"])
+    apply_adapter(components, spec)
+    if memory["block_swap"]:
+        components.block_swap = BlockSwap(components.unet, int(memory["block_swap"]))
     apply_speed_switches(components.unet, **speed)  # after the adapter: compile what actually runs
     return components
 
@@ -80,6 +95,9 @@ def load_module(path: str | Path, use_ema: bool = True):
         cfg.repa.encoder = None
     if OmegaConf.select(cfg, "model.compile"):  # sampling calls vary in shape: eager is faster than recompiling
         cfg.model.compile = False
+    for key, default in MEMORY_DEFAULTS.items():  # a QLoRA adapter is used over its base in full precision
+        if OmegaConf.select(cfg, f"model.{key}") not in (None, default):
+            cfg.model[key] = default
     module = build_module(cfg)
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
     check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))

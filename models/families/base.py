@@ -39,6 +39,7 @@ class Components:
     tokenizer_2: Any = None  # a second tokenizer the family saves and exports (SDXL)
     family: str = "sd"
     native_resolution: int | None = None  # set where no config holds the image size (Qwen-Image): model.resolution
+    block_swap: Any = None  # a models.block_swap.BlockSwap while training with model.block_swap=N
 
     @property
     def spec(self) -> "Family":

@@ -55,3 +55,26 @@ def test_family_folder_lora_trains_resumes_and_exports(tmp_path, family):
     mine = ours("a handwritten digit one", generator=torch.Generator().manual_seed(0), guidance_scale=1.0,
                 num_inference_steps=2, output_type="np").images
     assert np.abs(mine - after).max() < 1e-4  # merged weights vs a separate LoRA path: float32 rounding only
+
+
+def test_lora_over_a_quantized_swapped_base_resumes_and_exports_a_plain_adapter(tmp_path):
+    """QLoRA-style (model.quantize=int8) with block swap: trains, resumes, and exports an unquantized adapter."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "flux-base"
+    build_components(preset=PRESETS["flux"]).save_pretrained(base)
+    common = ["model=pretrained", f"model.pretrained={base}", "model.resolution=16", "adapter=lora", "adapter.rank=4",
+              "optimizer.lr=0.05", f"paths.output_dir={tmp_path}", "run_name=qlora", "model.preset=null",
+              "model.quantize=int8", "model.block_swap=1"]
+    assert (res := run(*common, "trainer.max_steps=2")).returncode == 0, res.stderr[-3000:]
+    assert "quantized" in res.stdout + res.stderr and "block swap: 1 of 2 blocks" in res.stdout + res.stderr
+    res = run(*common, "trainer.max_steps=4")
+    assert res.returncode == 0 and "at step 2" in res.stdout + res.stderr, res.stderr[-3000:]
+    out = tmp_path / "export"
+    res = subprocess.run([*cli()[:-1], "train.ops.export", str(tmp_path / "qlora"), str(out), "--no-ema"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(t.dtype == torch.float32 for t in lora.values())
+    res = run(*common, "adapter=none", "trainer.max_steps=1", "run_name=full")
+    assert res.returncode != 0 and "model.quantize=int8: a quantized base is frozen" in res.stdout + res.stderr

@@ -131,6 +131,7 @@ def validate_combinations(cfg: DictConfig) -> None:
                               f"equal the timesteps DDPO trains per trajectory ({per_step} = method.sample_steps x "
                               "method.timestep_fraction)")
     validate_strategy(cfg)
+    validate_memory(cfg)
     if str(_get(cfg, "trainer.precision")) == "16-mixed" and _get(cfg, "trainer.accelerator") == "cpu":
         raise ConfigError("trainer.precision=16-mixed on trainer.accelerator=cpu: fp16 autocast needs a GPU; "
                           "use 32-true (or bf16-mixed) on CPU")
@@ -169,6 +170,27 @@ def validate_strategy(cfg: DictConfig) -> None:
         if zero.get("offload_param") and int(zero.get("stage", 0)) != 3:
             raise ConfigError("strategy.config.zero_optimization.offload_param needs stage 3 (parameters are only "
                               "partitioned, hence offloadable, in ZeRO-3); use strategy=deepspeed_stage3_offload")
+
+
+def validate_memory(cfg: DictConfig) -> None:
+    """`model.quantize` and `model.block_swap` combinations that cannot work (models/quantize.py)."""
+    _check(cfg, "model.block_swap", lambda v: _int(v) and v >= 0, "an integer >= 0 (transformer blocks to swap)",
+           optional=True)
+    kind = _get(cfg, "model.quantize") or "none"
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if kind == "none":
+        return
+    import torch
+
+    from models.quantize import check_quantization
+
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    zero = _get(cfg, "strategy.config.zero_optimization") or {}
+    try:
+        check_quantization(kind, "cuda" if cuda else accelerator, adapter=(_get(cfg, "adapter.kind") or "none") != "none",
+                           zero3=_target(cfg, "strategy").endswith(".DeepSpeed") and int(zero.get("stage", 0)) == 3)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_offload_path(path: Any, key: str, need_bytes: int = 0) -> None:

@@ -1,0 +1,114 @@
+"""Quantized frozen bases for adapter training (QLoRA-style): `model.quantize=int8 | fp8 | nf4`.
+
+Only the frozen linear layers of the denoiser (and, with `model.quantize_text_encoder`, of the frozen text encoders)
+are quantized, after loading and before the adapter is attached: peft then wraps each quantized layer and the
+adapter trains in full precision over it. Checkpoints hold only what trains (the adapter), so nothing quantized is
+ever saved; sampling, evaluation and exports after training rebuild the base in full precision and apply the adapter
+(`train/build.py: load_module`), which is how a QLoRA adapter is used.
+
+Libraries, by what they support (checked with torchao 0.18.0 and bitsandbytes 0.50.2):
+- int8 weight-only: torchao `Int8WeightOnlyConfig` (PyTorch's own quantization library; per-channel int8 weights as a
+  tensor subclass that keeps `nn.Linear`, so peft's ordinary LoRA layer wraps it; runs on CPU and CUDA).
+- fp8 weight-only: torchao `Float8WeightOnlyConfig` (float8_e4m3 weights; CUDA with compute capability >= 8.9).
+- nf4: bitsandbytes `Linear4bit` (the QLoRA reference kernels, and peft's own bitsandbytes LoRA layer; 0.50 runs
+  on CPU as well as CUDA). torchao dropped its NF4 tensor; optimum-quanto is in maintenance mode and adds nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+import torch
+
+from models.fingerprint import remember_source
+
+log = logging.getLogger(__name__)
+# adapters over a quantized base are never merged into it (exports rebuild the base in full precision), which is all
+# peft's note on torchao layers is about
+warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+
+KINDS = ("none", "int8", "fp8", "nf4")
+BYTES_PER_WEIGHT = {"none": None, "int8": 1.0, "fp8": 1.0, "nf4": 0.5}  # + per-channel / per-block scales
+MIN_FEATURES = 16  # smaller layers (the digits world's time embeddings) stay as they are: nothing to save there
+
+
+def check_quantization(kind: str, device: str, adapter: bool, zero3: bool = False) -> None:
+    """Refuse, in one line, the combinations that cannot work, before any weights are loaded."""
+    if kind not in KINDS:
+        raise ValueError(f"model.quantize={kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "none":
+        return
+    if not adapter:
+        raise ValueError(f"model.quantize={kind}: a quantized base is frozen, so full fine-tuning cannot train it; "
+                         "add adapter=lora (QLoRA) or set model.quantize=none")
+    if zero3:
+        raise ValueError(f"model.quantize={kind}: DeepSpeed ZeRO-3 cannot partition quantized weights; use "
+                         "strategy=deepspeed_zero2 (the base is frozen, so stage 3 saves nothing on it) or ddp")
+    if kind == "fp8":
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if not cuda or torch.cuda.get_device_capability() < (8, 9):
+            raise ValueError("model.quantize=fp8: float8 weights need a CUDA GPU with compute capability >= 8.9 "
+                             "(Ada, Hopper or newer); use model.quantize=int8 (or nf4) on this device")
+    if kind == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ValueError("model.quantize=nf4: needs bitsandbytes; pip install 'bitsandbytes>=0.49' "
+                             "(or use model.quantize=int8)") from err
+
+
+def _eligible(module: torch.nn.Module) -> bool:
+    return (type(module) is torch.nn.Linear and not module.weight.requires_grad
+            and min(module.in_features, module.out_features) >= MIN_FEATURES)
+
+
+def quantize_frozen(model: torch.nn.Module, kind: str) -> int:
+    """Quantize `model`'s frozen linear layers in place; returns how many. Each new weight remembers its source's
+    fingerprint statistics, so a run's frozen-base fingerprint is the same quantized or not."""
+    if kind == "none":
+        return 0
+    names = [name for name, m in model.named_modules() if _eligible(m)]
+    if not names:
+        return 0
+    sources = {name: model.get_submodule(name).weight.detach() for name in names}
+    (_quantize_nf4 if kind == "nf4" else _quantize_torchao)(model, names, kind)
+    for name in names:
+        remember_source(model.get_submodule(name).weight, sources[name])
+    log.info("quantized %d frozen linear layers of %s to %s", len(names), type(model).__name__, kind)
+    return len(names)
+
+
+def _quantize_torchao(model: torch.nn.Module, names: list[str], kind: str) -> None:
+    with _quiet("torchao", "torch.utils._pytree"):  # kernels for other GPUs and a deprecation: nothing to act on
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    chosen = set(names)
+    quantize_(model, config, filter_fn=lambda _module, fqn: fqn in chosen)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def _quantize_nf4(model: torch.nn.Module, names: list[str], kind: str) -> None:
+    import bitsandbytes as bnb
+
+    for name in names:
+        old = model.get_submodule(name)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=old.weight.dtype, quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4", module=new)
+        if old.bias is not None:
+            new.bias = old.bias
+        new = new.to(old.weight.device)  # bitsandbytes packs the weight when it is moved
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
