@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from models.quantize import check_quantization
 from train.optim import OPTIMIZERS, SHARDABLE
 
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine"}
@@ -181,9 +182,6 @@ def validate_memory(cfg: DictConfig) -> None:
     if kind == "none":
         return
     import torch
-
-    from models.quantize import check_quantization
-
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     zero = _get(cfg, "strategy.config.zero_optimization") or {}
     try:
