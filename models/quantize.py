@@ -15,7 +15,6 @@ Libraries, by what they support (checked with torchao 0.18.0 and bitsandbytes 0.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 import torch
@@ -79,24 +78,11 @@ def quantize_frozen(model: torch.nn.Module, kind: str) -> int:
 
 
 def _quantize_torchao(model: torch.nn.Module, names: list[str], kind: str) -> None:
-    with _quiet("torchao", "torch.utils._pytree"):  # kernels for other GPUs and a deprecation: nothing to act on
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
     chosen = set(names)
     quantize_(model, config, filter_fn=lambda _module, fqn: fqn in chosen)
-
-
-@contextlib.contextmanager
-def _quiet(*loggers: str):
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
 
 
 def _quantize_nf4(model: torch.nn.Module, names: list[str], kind: str) -> None:
