@@ -22,12 +22,14 @@ from models.quantize import quantize_frozen
 from train.checkpoint import find_checkpoint, is_diffusers_folder, is_training_checkpoint, read_checkpoint
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule, check_state_dict
+from train.plan import plan_for_config
 from train.redaction import scrub
 
 log = logging.getLogger(__name__)
 
 # training-time memory settings: popped here, dropped when a trained module is rebuilt to sample, evaluate or export
 MEMORY_DEFAULTS = {"quantize": "none", "quantize_text_encoder": False, "block_swap": 0}
+SPEED_KEYS = ("compile", "channels_last")
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return scrub(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -37,16 +39,28 @@ def _kwargs(node: DictConfig | None) -> dict[str, Any]:
     return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
 
 
-def build_model(cfg: DictConfig) -> Components:
-    """The `model` group -> components; `model.pretrained` may be a diffusers folder, a .ckpt or a run directory
-    (continued training and fine-tuning start from a foundry run without an export step). Then the adapter."""
-    kwargs = _kwargs(cfg.model)
-    speed = {key: kwargs.pop(key, False) for key in ("compile", "channels_last")}
-    memory = {key: kwargs.pop(key, default) for key, default in MEMORY_DEFAULTS.items()}
+def build_base(cfg: DictConfig) -> Components:
+    """The `model` group -> components as loaded: no adapter, no memory or speed settings. `model.pretrained` may be
+    a diffusers folder, a .ckpt or a run directory (continued training and fine-tuning start from a foundry run
+    without an export step)."""
+    kwargs = {k: v for k, v in _kwargs(cfg.model).items() if k not in (*MEMORY_DEFAULTS, *SPEED_KEYS)}
+    kwargs["gradient_checkpointing"] = kwargs.get("gradient_checkpointing") is True
     pretrained = kwargs.get("pretrained")
     if pretrained and is_training_checkpoint(pretrained):
         kwargs["base"], kwargs["pretrained"] = load_components(pretrained, use_ema=True), None
-    components = build_components(**kwargs)
+    return build_components(**kwargs)
+
+
+def build_model(cfg: DictConfig) -> Components:
+    """The base, then the memory settings, the adapter and the speed switches."""
+    memory = {key: OmegaConf.select(cfg, f"model.{key}", default=default) for key, default in MEMORY_DEFAULTS.items()}
+    components = build_base(cfg)
+    if OmegaConf.select(cfg, "model.gradient_checkpointing") == "auto":
+        plan = plan_for_config(cfg, components)
+        if not plan.fits:  # the planner traced the step without it: turn it on only when the run needs it
+            components.unet.enable_gradient_checkpointing()
+        log.info("model.gradient_checkpointing=auto: %s (planned peak %.2f GiB of %g GB without it)",
+                 "off" if plan.fits else "on", plan.peak / 2**30, plan.gpu_memory_gb)
     spec = adapter_spec(cfg)
     if memory["quantize"] != "none":  # the frozen base, before the adapter wraps its layers
         if spec.enabled:
@@ -57,6 +71,7 @@ def build_model(cfg: DictConfig) -> Components:
     apply_adapter(components, spec)
     if memory["block_swap"]:
         components.block_swap = BlockSwap(components.unet, int(memory["block_swap"]))
+    speed = {key: OmegaConf.select(cfg, f"model.{key}", default=False) for key in SPEED_KEYS}
     apply_speed_switches(components.unet, **speed)  # after the adapter: compile what actually runs
     return components
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from train.ops.plan import memory_plan
 from train.ops.validate import ConfigError
 
 
@@ -181,7 +182,10 @@ def render_sbatch(cfg: DictConfig, plan: LaunchPlan, args: str) -> str:
 def dry_run(cfg: DictConfig, urls: list[str] | None, run_dir: Path) -> dict[str, Any]:
     """Print the plan and the launch commands as JSON (stdout), start nothing."""
     plan = make_plan(cfg, urls)
-    out = {"launch_plan": asdict(plan), "launch": launch_commands(cfg, plan, run_dir), "run_dir": str(run_dir)}
+    memory = memory_plan(cfg)
+    out = {"launch_plan": asdict(plan), "launch": launch_commands(cfg, plan, run_dir), "run_dir": str(run_dir),
+           "memory_plan": memory.to_json()}
     print(json.dumps(out, indent=2), flush=True)
+    print(memory.table(), file=sys.stderr, flush=True)
     return out
 

@@ -33,3 +33,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("foundry_run_name", default_run_name, use_cache=True)
     if not OmegaConf.has_resolver("foundry_direction"):
         OmegaConf.register_new_resolver("foundry_direction", objective_direction)
+
+
+def compose_config(overrides: list[str], **kwargs):
+    """The config `foundry-train` would run with these overrides (Hydra's compose API: no run folder is made)."""
+    from hydra import compose, initialize_config_dir  # lazy: Hydra's app machinery only where a config is composed
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), **kwargs)

@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from train.ops.objective import SweepError, objective_direction
-from train.ops.resolvers import CONF_DIR, register_resolvers
+from train.ops.resolvers import compose_config
 from train.ops.tracking import SWEPT_KEYS_FILE, in_multirun, redact, scrub_overrides
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,7 @@ def compose_sweep(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig
     if p.resolve().parent != SWEEP_DIR.resolve():
         raise SweepError(f"{path}: sweep files must live in {SWEEP_DIR} (foundry-train loads them as sweep=NAME); "
                          "move it there")
-    from hydra import compose, initialize_config_dir
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[f"sweep={p.stem}", *overrides], return_hydra_config=True)
+    return compose_config([f"sweep={p.stem}", *overrides], return_hydra_config=True)
 
 
 def wandb_parameter(dist: Any) -> dict[str, Any]:
