@@ -19,12 +19,16 @@ def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) ->
     t0 = time.perf_counter()
     env = {**os.environ, "WANDB_MODE": "offline"}
     with open(log or out / f"{run_name}.log", "w") as f:
-        res = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's own peak resident memory, not the max of all children
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    res = proc
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"training failed ({res.returncode}): {' '.join(cmd)}; see {log or out / f'{run_name}.log'}")
     summary = json.loads((out / run_name / "summary.json").read_text())
     summary["wall_seconds"] = round(wall, 1)
+    summary["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     summary["command"] = "foundry-train " + " ".join(overrides)
     return summary
 

@@ -128,7 +128,7 @@ def main() -> None:
                   # digits are not mirror-symmetric (a flipped 3 is no 3): no flips; generated class images at the
                   # base's best guidance (--class-guidance), so the prior loss replays what the base does well
                   "data.random_flip=false", f"data.class_generation.guidance_scale={args.class_guidance}", *args.extra)
-        result[name] = {"train_seconds": s["wall_seconds"], "command": s["command"],
+        result[name] = {"train_seconds": s["wall_seconds"], "peak_rss_mib": s["peak_rss_mib"], "command": s["command"],
                         **scores(args.out / f"db-{name}", args.identifier)}
     dump(result, args.out / "dreambooth_digits.json")
 
