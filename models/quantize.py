@@ -83,6 +83,39 @@ def _quantize_torchao(model: torch.nn.Module, names: list[str], kind: str) -> No
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
     chosen = set(names)
     quantize_(model, config, filter_fn=lambda _module, fqn: fqn in chosen)
+    for name in names:
+        model.get_submodule(name).__class__ = FrozenQuantizedLinear
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """`x W^T + b` for a frozen weight stored quantized. The graph keeps the quantized weight and dequantizes it
+    again for the input's gradient, so no full-precision copy of it lives from forward to backward: torchao's own
+    linear puts its dequantized weight in the graph, which measured as much training memory as the unquantized base
+    (benchmarks/memory_plan.py). bitsandbytes' 4-bit matmul already works this way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight, ctx.x_dtype, ctx.bias_grad = weight, x.dtype, bias is not None and bias.requires_grad
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, weight.dequantize().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad @ ctx.weight.dequantize().to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+        return (grad_x.to(ctx.x_dtype) if grad_x is not None else None), None, grad_b
+
+
+class FrozenQuantizedLinear(torch.nn.Linear):
+    """A linear layer whose frozen weight torchao stores quantized (int8 / fp8), trained through without keeping a
+    dequantized copy (see `_DequantizedLinear`); state-dict keys and peft's LoRA wrapping are those of `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # the matmul in autocast's dtype, as nn.Linear's would be
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _DequantizedLinear.apply(x, self.weight, bias)
 
 
 def _quantize_nf4(model: torch.nn.Module, names: list[str], kind: str) -> None:

@@ -19,7 +19,7 @@ import copy
 import weakref
 from pathlib import Path
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -49,15 +49,19 @@ CUDA_OVERHEAD = 0.8 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, allocator sl
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages that ops create, live at each moment, and their peak (works on fake tensors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = self.peak = 0
+        # storages that exist before the step (weights, inputs) are not allocations when an op returns a view of
+        # them (`weight.t()` in every linear layer); their storage objects are held so their ids stay theirs
+        self._existing = [t.untyped_storage() for t in existing]
+        self._existing_ids = {id(st) for st in self._existing}
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = id(storage)
-        if key in self.live:
+        if key in self.live or key in self._existing_ids:
             return
         self.live[key] = storage.nbytes()
         self.current += self.live[key]
@@ -85,7 +89,8 @@ def trace_step_bytes(model: torch.nn.Module, inputs: Callable[[], dict[str, Any]
         model.to_empty(device="cpu")
         model.train(grad)
         kwargs = inputs()
-        tracker = LiveBytes()
+        tracker = LiveBytes([*model.parameters(), *model.buffers(),
+                             *(t for t in pytree.tree_leaves(kwargs) if isinstance(t, torch.Tensor))])
         ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
         with tracker, ctx, torch.set_grad_enabled(grad):
             out = model(**kwargs, return_dict=False)[0]

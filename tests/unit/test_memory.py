@@ -91,6 +91,24 @@ def test_quantized_base_trains_an_adapter_close_to_full_precision(kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_base_keeps_no_dequantized_weights_between_forward_and_backward(kind):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from train.plan import LiveBytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)]).requires_grad_(False)
+    quantize_frozen(model, kind)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=[str(i) for i in range(16)]), model)
+    x = torch.randn(8, 256, requires_grad=True)
+    tracker = LiveBytes([*model.parameters(), x])
+    with tracker:
+        model(x).pow(2).mean().backward()
+    one_layer = 256 * 256 * 4
+    assert tracker.peak < 8 * one_layer  # a few layers' worth at a time, not all 16 (torchao's own linear: 17+)
+
+
 def test_quantization_refusals():
     check_quantization("none", "cpu", adapter=False)
     check_quantization("int8", "cpu", adapter=True)

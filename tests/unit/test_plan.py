@@ -31,7 +31,7 @@ def test_fake_trace_counts_what_the_real_step_allocates(flux, lora):
         apply_adapter(Components(real, torch.nn.Identity(), None, None, family="flux"), AdapterSpec(kind="lora", rank=4))
     inputs = {k: torch.randn(v.shape) for k, v in parts.inputs(3, 16).items()}
     inputs["timestep"] = torch.rand(3) * 1000
-    tracker = LiveBytes()
+    tracker = LiveBytes([*real.parameters(), *real.buffers(), *inputs.values()])
     with tracker:
         real(**inputs, return_dict=False)[0].pow(2).mean().backward()
     assert tracker.peak > 0 and fake == pytest.approx(tracker.peak, rel=0.02)
