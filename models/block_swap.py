@@ -18,6 +18,7 @@ import warnings
 from typing import Iterator
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from models.fingerprint import remember_source
 
@@ -40,18 +41,28 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def _slots(p: torch.nn.Parameter) -> list[tuple[torch.Tensor, str]]:
+    """Where a parameter's bytes live: its `.data`, or, for a quantized tensor subclass (torchao's int8/fp8 weights),
+    each of its inner tensors (setting `.data` on those would leave the inner ones, and their memory, in place)."""
+    if is_traceable_wrapper_subclass(p):
+        return [(p, name) for name in p.__tensor_flatten__()[0]]
+    return [(p, "data")]
+
+
 class _SwappedBlock:
     """One block's frozen tensors: the CPU copies and the hooks that bring them in and let them go."""
 
     def __init__(self, block: torch.nn.Module, index: int, swap: "BlockSwap"):
         self.block, self.index, self.swap = block, index, swap
         self.params = [p for p in block.parameters() if not p.requires_grad]
+        self.slots = [slot for p in self.params for slot in _slots(p)]
         self.cpu = []
         pin = torch.cuda.is_available()
         for p in self.params:
             if not hasattr(p, "fingerprint_source"):  # a quantized weight already remembers its source
                 remember_source(p, p.data)
-            copy = p.data.detach().to("cpu")
+        for owner, name in self.slots:
+            copy = getattr(owner, name).detach().to("cpu")
             self.cpu.append(copy.pin_memory() if pin else copy)
         self.resident = True
         self.in_backward = False
@@ -68,34 +79,38 @@ class _SwappedBlock:
     @property
     def device(self) -> torch.device:
         """Where the block computes: its placeholders follow the model's `.to(device)`."""
-        return self.params[0].device if self.params else torch.device("cpu")
+        return getattr(*self.slots[0]).device if self.slots else torch.device("cpu")
+
+    def resident_bytes(self) -> int:
+        return sum(getattr(o, n).numel() * getattr(o, n).element_size() for o, n in self.slots)
 
     def load(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Start bringing the weights in (on `stream` when given); `wait()` before use."""
+        """Start bringing the weights in (on `stream` when given); `wait()` before use. Each comes back in its
+        placeholder's dtype: the model may have been cast since (bf16 under bf16-true)."""
         if self.resident:
             return
-        if self.device.type == "cpu":
-            for p, c in zip(self.params, self.cpu):
-                p.data = c.to(p.dtype)  # the CPU copy itself unless the model was cast since
-        else:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for p, c in zip(self.params, self.cpu):
-                    p.data = c.to(self.device, dtype=p.dtype, non_blocking=True)
-                if stream is not None:
-                    self.ready = torch.cuda.Event()
-                    self.ready.record(stream)
+        device = self.device
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for (owner, name), c in zip(self.slots, self.cpu):
+                dtype = getattr(owner, name).dtype
+                setattr(owner, name, c.to(device, dtype=dtype, non_blocking=device.type == "cuda"))
+            if stream is not None:
+                self.ready = torch.cuda.Event()
+                self.ready.record(stream)
         self.resident = True
 
     def wait(self) -> None:
         if self.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
-            for p in self.params:  # the side stream's tensors are used (and freed) on the compute stream
-                p.data.record_stream(torch.cuda.current_stream(self.device))
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready)
+            for owner, name in self.slots:  # the side stream's tensors are used (and freed) on the compute stream
+                getattr(owner, name).record_stream(current)
             self.ready = None
 
     def evict(self) -> None:
-        for p in self.params:
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for owner, name in self.slots:
+            t = getattr(owner, name)
+            setattr(owner, name, torch.empty(0, dtype=t.dtype, device=t.device))
         self.resident = False
 
     # hooks
@@ -163,7 +178,7 @@ class BlockSwap:
 
     def resident_bytes(self) -> int:
         """Bytes of swapped weights currently on the compute device (0 between uses)."""
-        return sum(p.data.numel() * p.data.element_size() for b in self.blocks for p in b.params)
+        return sum(b.resident_bytes() for b in self.blocks)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         for b in self.blocks:
@@ -174,6 +189,5 @@ class BlockSwap:
         for b in self.blocks:
             for h in b.handles:
                 h.remove()
-            for p, c in zip(b.params, b.cpu):
-                p.data = c.to(p.device)
-            b.resident = True
+            b.resident = False
+            b.load()

@@ -33,9 +33,12 @@ def _loss_and_grads(comps):
     return loss.detach(), {n: p.grad.clone() for n, p in trained}
 
 
-@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (True, True)])
-def test_block_swap_gives_identical_loss_and_gradients(flux, lora, checkpointing):
+@pytest.mark.parametrize("lora,checkpointing,quantize", [(False, False, None), (True, False, None),
+                                                         (True, True, None), (True, True, "int8")])
+def test_block_swap_gives_identical_loss_and_gradients(flux, lora, checkpointing, quantize):
     base = copy.deepcopy(flux)
+    if quantize:  # the swapped weights are quantized tensors: their inner tensors move
+        quantize_frozen(base.unet.requires_grad_(False), quantize)
     if lora:
         apply_adapter(base, AdapterSpec(kind="lora", rank=2, target="attn", extra={"init_weights": False}))
     else:  # full training of what is outside the swapped blocks; the swapped blocks' frozen weights still move
