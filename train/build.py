@@ -56,11 +56,17 @@ def build_model(cfg: DictConfig) -> Components:
     memory = {key: OmegaConf.select(cfg, f"model.{key}", default=default) for key, default in MEMORY_DEFAULTS.items()}
     components = build_base(cfg)
     if OmegaConf.select(cfg, "model.gradient_checkpointing") == "auto":
-        plan = plan_for_config(cfg, components)
-        if not plan.fits:  # the planner traced the step without it: turn it on only when the run needs it
+        try:
+            plan = plan_for_config(cfg, components)
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:  # a model the trace cannot run
+            plan = None
+            log.warning("model.gradient_checkpointing=auto: no memory plan for this model (%s: %s); checkpointing on "
+                        "(set model.gradient_checkpointing=false to turn it off)", type(err).__name__, err)
+        if plan is None or not plan.fits:  # planned without it: on only when the run needs it
             components.unet.enable_gradient_checkpointing()
-        log.info("model.gradient_checkpointing=auto: %s (planned peak %.2f GiB of %g GB without it)",
-                 "off" if plan.fits else "on", plan.peak / 2**30, plan.gpu_memory_gb)
+        if plan is not None:
+            log.info("model.gradient_checkpointing=auto: %s (planned peak %.2f GiB of %g GB without it)",
+                     "off" if plan.fits else "on", plan.peak / 2**30, plan.gpu_memory_gb)
     spec = adapter_spec(cfg)
     if memory["quantize"] != "none":  # the frozen base, before the adapter wraps its layers
         if spec.enabled:

@@ -192,12 +192,10 @@ def parts_for_components(comps: Components) -> Parts:
     encoder produces."""
     with torch.no_grad():
         context = comps.text_encoder(tokenize(comps.tokenizer, [""]).to(comps.text_encoder.device))[0]
-    ctx_shape, factor = tuple(context.shape[1:]), comps.vae_factor
+    ctx_shape = tuple(context.shape[1:])
 
     def inputs(batch: int, resolution: int) -> dict[str, Any]:
-        side = resolution // factor
-        return {"sample": torch.empty(batch, comps.in_channels, side, side), "timestep": torch.empty(batch),
-                "encoder_hidden_states": torch.empty(batch, *ctx_shape)}
+        return comps.spec.planning_inputs(comps, batch, resolution, ctx_shape)
 
     return Parts(comps.family, lambda: copy.deepcopy(comps.unet).to("meta"), [comps.text_encoder], comps.vae, inputs)
 

@@ -166,6 +166,14 @@ class Family:
     def pipeline(self, comps: Components, scheduler) -> Any:
         raise NotImplementedError
 
+    def planning_inputs(self, comps: Components, batch: int, resolution: int,
+                        context_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The denoiser's keyword inputs for one training step, as empty tensors: what the memory planner
+        (train/plan.py) traces on fake tensors. `context_shape` is the text encoder's output per sample."""
+        side = resolution // comps.vae_factor
+        return {"sample": torch.empty(batch, comps.in_channels, side, side), "timestep": torch.empty(batch),
+                "encoder_hidden_states": torch.empty(batch, *context_shape)}
+
     def pipeline_kwargs(self, comps: Components) -> dict[str, Any]:
         """Keyword arguments a user passes to the exported pipeline to get what `foundry-sample` gives."""
         return {}

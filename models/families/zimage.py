@@ -119,6 +119,15 @@ class ZImage(FlowFamily):
                            FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, family=self.name)
         return comps
 
+    def planning_inputs(self, comps: Components, batch: int, resolution: int,
+                        context_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The transformer's own list inputs with every caption at full length (the memory's worst case): the
+        caption mask `denoise` reads is data, which a fake-tensor trace cannot see."""
+        side = resolution // comps.vae_factor
+        return {"sample": [torch.empty(comps.in_channels, 1, side, side) for _ in range(batch)],
+                "timestep": torch.empty(batch),
+                "encoder_hidden_states": [torch.empty(context_shape[0] - 1, context_shape[1]) for _ in range(batch)]}
+
     def load(self, folder: Path) -> Components:
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
         if tok.pad_token_id is None:
