@@ -3,8 +3,10 @@ a fake-tensor trace + arithmetic) beside the measured increase of the training p
 its resident memory before the model is built (`foundry-train`'s own `train()`, in a fresh process per
 configuration, glibc told to hand large freed blocks back so resident memory follows live memory).
 
-The model is a small Flux-architecture transformer (512 wide, 4 double + 8 single blocks, ~72 M parameters, so weights,
-gradients and optimizer state are not lost in the process's own overhead) saved as a local folder, at 64 px.
+The model is the `flux_small` preset: a Flux-architecture transformer (512 wide, 4 double + 8 single blocks, ~72 M
+parameters, so weights, gradients and optimizer state stand out of the process's own overhead) at 64 px, built in
+memory: a model loaded from safetensors on the CPU stays mapped from its file, so after quantizing it there the
+original weights' pages stay resident (file-backed, and never a GPU's cost) and would blur the quantized rows.
 
     python benchmarks/memory_plan.py [--steps 6] [--out /tmp/memory_plan]
 
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 COMMON = ["trainer.accelerator=cpu", "logger=none", "callbacks=none", "data.num_workers=0", "data.shuffle_buffer=64",
           "lr_scheduler.warmup_steps=0", "checkpoint.every_n_steps=100000", "trainer.enable_progress_bar=false",
-          "model=pretrained", "model.preset=null", "model.resolution=64", "optimizer.lr=1e-4"]
+          "model=flux_tiny", "model.preset=flux_small", "model.resolution=64", "optimizer.lr=1e-4"]
 CONFIGS = {
     "full": ["data.batch_size=16"],
     "full_checkpointing": ["data.batch_size=16", "model.gradient_checkpointing=true"],
@@ -67,10 +69,11 @@ def child(overrides: list[str]) -> None:
 
 
 def build_model(folder: Path) -> None:
-    from models.families.flux import Flux, FluxPreset
+    """The preset's VAE and text encoder as a folder, to encode the latent cache with (the same seed: the same
+    weights, which the cache's fingerprint check confirms)."""
+    from models.components import build_components
 
-    preset = FluxPreset(512, 4, 4, 8, (16, 56, 56), 64, 64, 2, 2, 16, (32, 64))
-    Flux().build_tiny(preset, 64, 0).save_pretrained(folder)
+    build_components(preset="flux_small", resolution=64).save_pretrained(folder)
 
 
 def main() -> None:
@@ -100,7 +103,7 @@ def main() -> None:
                                 "--out", str(cache), "--model", str(model), "--dtype", "fp32"], cwd=ROOT, check=True,
                                env=env, capture_output=True)
             extra.append(f"data.urls={cache}")
-        overrides = [*COMMON, f"model.pretrained={model}", f"trainer.max_steps={args.steps}",
+        overrides = [*COMMON, f"trainer.max_steps={args.steps}",
                      f"paths.output_dir={out / 'runs'}", f"run_name={name}", *extra]
         shutil.rmtree(out / "runs" / name, ignore_errors=True)  # a fresh run, never a resumed one
         res = subprocess.run([sys.executable, __file__, "--child", *overrides], cwd=ROOT, env=env,

@@ -18,6 +18,7 @@ SMALL = [
     "callbacks.sample_images.every_n_steps=2", "callbacks.sample_images.num_inference_steps=2",
     "callbacks.sample_images.seeds=[0]", "callbacks.digits_eval.n_per_digit=1",
     "callbacks.digits_eval.guidance_scales=[2.0]", "callbacks.digits_eval.num_inference_steps=2",
+    "model.gradient_checkpointing=false",  # `auto` plans each run first (~2 s); tests/unit/test_plan.py covers it
 ]
 
 

@@ -126,6 +126,8 @@ class Settings:
         if self.adapter.enabled:
             parts.append(f"{self.adapter.kind} r{self.adapter.rank}")
         for on, text in ((self.gradient_checkpointing, "checkpointing"), (self.quantize != "none", self.quantize),
+                         (self.quantize_text_encoder, "text encoder quantized"),
+                         (self.optimizer != "adamw", self.optimizer),
                          (self.block_swap, f"block swap {self.block_swap}"), (self.zero_stage, f"ZeRO-{self.zero_stage}"),
                          (self.offload_optimizer, "optimizer offload"), (self.ema, "EMA"), (self.cached, "cached")):
             if on:

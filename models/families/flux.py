@@ -127,6 +127,9 @@ PRESETS: dict[str, FluxPreset] = {
     # the digits world: 16x16 images, 8x8x16 latents, 16 packed tokens; ~1.6 M transformer parameters
     "flux_tiny": FluxPreset(128, 4, 2, 4, (8, 12, 12), 64, 64, 2, 2, 16, (32, 64)),
     "flux_micro": FluxPreset(32, 2, 1, 1, (4, 6, 6), 16, 32, 1, 2, 12, (8, 16)),
+    # ~72 M transformer parameters: weights, gradients and optimizer state that stand out of a process's own
+    # overhead, for benchmarks/memory_plan.py (the planner against measured memory)
+    "flux_small": FluxPreset(512, 4, 4, 8, (16, 56, 56), 64, 64, 2, 2, 16, (32, 64)),
 }
 
 
