@@ -91,11 +91,14 @@ def samples_here(trainer) -> bool:
 
 @contextlib.contextmanager
 def inference_weights(trainer, module, use_ema: bool = True) -> Iterator[None]:
-    """Eval mode and, when asked and present, the EMA weights, for a sampling or evaluation block."""
+    """Eval mode and, when asked and present, the EMA weights, for a sampling or evaluation block; under mixed
+    precision also the training step's autocast (frozen weights are held in its dtype: train/precision.py)."""
     was_training = module.training
     module.eval()
+    plugin = getattr(trainer, "precision_plugin", None)
     try:
-        with ema_weights(trainer, module) if use_ema else contextlib.nullcontext():
+        with ema_weights(trainer, module) if use_ema else contextlib.nullcontext(), \
+                (plugin.forward_context() if plugin is not None else contextlib.nullcontext()):
             yield
     finally:
         module.train(was_training)

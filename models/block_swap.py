@@ -91,9 +91,11 @@ class _SwappedBlock:
             return
         device = self.device
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for (owner, name), c in zip(self.slots, self.cpu):
+            for i, ((owner, name), c) in enumerate(zip(self.slots, self.cpu)):
                 dtype = getattr(owner, name).dtype
-                setattr(owner, name, c.to(device, dtype=dtype, non_blocking=device.type == "cuda"))
+                if c.dtype != dtype:  # the model was cast since (frozen weights to bf16): keep the CPU copy cast too
+                    c = self.cpu[i] = c.to(dtype).pin_memory() if c.is_pinned() else c.to(dtype)
+                setattr(owner, name, c.to(device, non_blocking=device.type == "cuda"))
             if stream is not None:
                 self.ready = torch.cuda.Event()
                 self.ready.record(stream)
@@ -117,7 +119,8 @@ class _SwappedBlock:
     def _before_forward(self, module, args):
         self.load()
         self.wait()
-        self.swap.prefetch(self.index + 1)
+        if not self.in_backward:  # a re-run under checkpointing: the next block's backward is already done
+            self.swap.prefetch(self.index + 1)
 
     def _after_forward(self, module, args, output):
         if not self.in_backward:  # a re-run under gradient checkpointing keeps them for the backward that follows
@@ -185,7 +188,7 @@ class BlockSwap:
             yield from b.params
 
     def remove(self) -> None:
-        """Detach the hooks and put every weight back in place (on the CPU)."""
+        """Detach the hooks and put every weight back in place, resident on the compute device."""
         for b in self.blocks:
             for h in b.handles:
                 h.remove()

@@ -31,7 +31,7 @@ BYTES_PER_WEIGHT = {"none": None, "int8": 1.0, "fp8": 1.0, "nf4": 0.5}  # + per-
 MIN_FEATURES = 16  # smaller layers (the digits world's time embeddings) stay as they are: nothing to save there
 
 
-def check_quantization(kind: str, device: str, adapter: bool, zero3: bool = False) -> None:
+def check_quantization(kind: str, device: str, adapter: bool, sharded: bool = False) -> None:
     """Refuse, in one line, the combinations that cannot work, before any weights are loaded."""
     if kind not in KINDS:
         raise ValueError(f"model.quantize={kind!r}: expected one of {', '.join(KINDS)}")
@@ -40,10 +40,11 @@ def check_quantization(kind: str, device: str, adapter: bool, zero3: bool = Fals
     if not adapter:
         raise ValueError(f"model.quantize={kind}: a quantized base is frozen, so full fine-tuning cannot train it; "
                          "add adapter=lora (QLoRA) or set model.quantize=none")
-    if zero3:
-        raise ValueError(f"model.quantize={kind}: DeepSpeed ZeRO-3 cannot partition quantized weights; use "
-                         "strategy=deepspeed_zero2 (the base is frozen, so stage 3 saves nothing on it) or ddp")
-    if kind == "fp8":
+    if sharded:
+        raise ValueError(f"model.quantize={kind}: DeepSpeed and FSDP flatten or partition every parameter and cannot "
+                         "hold quantized ones; use strategy=ddp or one device (the quantized base is frozen: "
+                         "sharding it would save nothing)")
+    if kind == "fp8" and device != "any":
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         if not cuda or torch.cuda.get_device_capability() < (8, 9):
             raise ValueError("model.quantize=fp8: float8 weights need a CUDA GPU with compute capability >= 8.9 "

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,14 +52,22 @@ def build_base(cfg: DictConfig) -> Components:
     return build_components(**kwargs)
 
 
+def this_gpu_gb(cfg: DictConfig) -> float | None:
+    """The memory of the GPU this process will train on (GiB), when it is one: what `auto` plans against, rather
+    than `launcher.gpu_memory_gb` (the size planned for from elsewhere)."""
+    if OmegaConf.select(cfg, "trainer.accelerator") == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
 def build_model(cfg: DictConfig) -> Components:
     """The base, then the memory settings, the adapter and the speed switches."""
     memory = {key: OmegaConf.select(cfg, f"model.{key}", default=default) for key, default in MEMORY_DEFAULTS.items()}
     components = build_base(cfg)
     if OmegaConf.select(cfg, "model.gradient_checkpointing") == "auto":
         try:
-            plan = plan_for_config(cfg, components)
-        except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:  # a model the trace cannot run
+            plan = plan_for_config(cfg, components, gpu_memory_gb=this_gpu_gb(cfg), suggest=False)
+        except Exception as err:  # noqa: BLE001 - any model the trace cannot run: the safe choice, said in one line
             plan = None
             log.warning("model.gradient_checkpointing=auto: no memory plan for this model (%s: %s); checkpointing on "
                         "(set model.gradient_checkpointing=false to turn it off)", type(err).__name__, err)
@@ -119,6 +128,8 @@ def load_module(path: str | Path, use_ema: bool = True):
     for key, default in MEMORY_DEFAULTS.items():  # a QLoRA adapter is used over its base in full precision
         if OmegaConf.select(cfg, f"model.{key}") not in (None, default):
             cfg.model[key] = default
+    if OmegaConf.select(cfg, "model.gradient_checkpointing") is not None:  # sampling and export: no backward to plan
+        cfg.model.gradient_checkpointing = False
     module = build_module(cfg)
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("repa.")}
     check_state_dict(module, state, ckpt["foundry"].get("frozen_fingerprint"))

@@ -24,7 +24,7 @@ from train.diffusion import DiffusionCore
 from train.methods.base import Method, MethodView
 from train.nonfinite import StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
-from train.precision import cast_frozen
+from train.precision import prepare_frozen
 from train.reference import FrozenReference
 from train.strategies import accumulation_boundary, is_deepspeed, offloads_optimizer, step_rejected_by_strategy
 
@@ -282,8 +282,8 @@ class DiffusionModule(FrozenReference, L.LightningModule):
             self._last_method_step = self.global_step
             self.method.on_step_end(self.view)
 
-    def setup(self, stage: str) -> None:  # before the strategy moves the model: cast on the host
-        cast_frozen({"unet": self.unet, **self.frozen_models()}, str(self.trainer.precision))
+    def setup(self, stage: str) -> None:  # before the strategy wraps and moves the model (train/precision.py)
+        prepare_frozen(self, {"unet": self.unet, **self.frozen_models()}, self.trainer.strategy, self.trainer.precision)
 
     def _fp16(self) -> bool:
         return str(self.trainer.precision).startswith("16")

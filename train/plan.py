@@ -199,7 +199,18 @@ def parts_for_components(comps: Components) -> Parts:
     def inputs(batch: int, resolution: int) -> dict[str, Any]:
         return comps.spec.planning_inputs(comps, batch, resolution, ctx_shape)
 
-    return Parts(comps.family, lambda: copy.deepcopy(comps.unet).to("meta"), [comps.text_encoder], comps.vae, inputs)
+    return Parts(comps.family, lambda: meta_copy(comps.unet), [comps.text_encoder], comps.vae, inputs)
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` on the meta device without copying a byte of its weights (a deep copy whose memo maps every
+    parameter and buffer to an empty meta tensor of the same shape)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+            else meta
+    return copy.deepcopy(model, memo)
 
 
 def _nbytes(params, dtype: torch.dtype | None = None) -> float:
@@ -218,15 +229,19 @@ def _quantized_bytes(model: torch.nn.Module, kind: str, weight_dtype: torch.dtyp
     return full, quant
 
 
-def prepare_denoiser(parts: Parts, s: Settings, weight_dtype: torch.dtype) -> torch.nn.Module:
-    """A meta copy of the denoiser with the run's adapter, trainability and checkpointing."""
+def prepare_denoiser(parts: Parts, s: Settings, weight_dtype: torch.dtype,
+                     held: torch.dtype | None = None) -> torch.nn.Module:
+    """A meta copy of the denoiser as the run holds it: its adapter (trained in fp32), frozen weights in `held`
+    (the autocast dtype under mixed precision: train/precision.py), checkpointing."""
     model = torch.nn.Module.to(parts.denoiser(), weight_dtype)  # diffusers' own .to() warns about fp32 modules
     if s.adapter.enabled:
         apply_adapter(Components(model, torch.nn.Identity(), None, None, family=parts.family),
                       replace(s.adapter, text_encoder=False))
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # adapters train in fp32 whatever the base's dtype
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float() if s.adapter.enabled else p.data  # adapters train in fp32 whatever the base's
+        elif held is not None and p.is_floating_point():
+            p.data = p.data.to(held)
     if s.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     return model
@@ -249,7 +264,7 @@ def plan_memory(parts: Parts, s: Settings, gpu_memory_gb: float = 24.0, suggest:
     if s.zero_stage and s.precision.endswith("mixed"):
         weight_dtype = autocast  # DeepSpeed keeps the model in the training precision and fp32 masters aside
     held = frozen_dtype(s.precision) or weight_dtype  # frozen weights under mixed precision (train/precision.py)
-    model = prepare_denoiser(parts, s, weight_dtype)
+    model = prepare_denoiser(parts, s, weight_dtype, held)
     trained = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     n_trained = sum(p.numel() for p in trained)
@@ -260,7 +275,7 @@ def plan_memory(parts: Parts, s: Settings, gpu_memory_gb: float = 24.0, suggest:
     shard = world if s.zero_stage >= 2 else 1
 
     rows["trained weights"] = _nbytes(trained) / (world if s.zero_stage == 3 else 1)
-    frozen_bytes = _nbytes(frozen, held)
+    frozen_bytes = _nbytes(frozen, held) / (world if s.zero_stage == 3 else 1)  # ZeRO-3 partitions them too
     if s.quantize != "none":
         full, quant = _quantized_bytes(model, s.quantize, held)
         rows["frozen weights (not quantized)"] = frozen_bytes - full
@@ -269,7 +284,7 @@ def plan_memory(parts: Parts, s: Settings, gpu_memory_gb: float = 24.0, suggest:
         rows[f"frozen weights ({str(held).split('.')[-1]})"] = frozen_bytes
     if s.block_swap:
         blocks = transformer_blocks(model)[-s.block_swap:]
-        swapped = [_nbytes([p for p in b.parameters() if not p.requires_grad]) for b in blocks]
+        swapped = [_nbytes([p for p in b.parameters() if not p.requires_grad], held) for b in blocks]
         if s.quantize != "none":
             ratio = (rows[f"frozen weights ({s.quantize})"] + rows["frozen weights (not quantized)"]) / max(frozen_bytes, 1)
             swapped = [b * ratio for b in swapped]
@@ -349,7 +364,7 @@ def cheapest_fixes(parts: Parts, s: Settings, gpu_memory_gb: float, cache: dict)
     steps: list[tuple[str, float]] = []
     current, peak = s, plan_memory(parts, s, gpu_memory_gb, suggest=False, _cache=cache).peak
     for name, change in candidate_fixes(s, n_blocks):
-        if "block_swap" in change and current.block_swap:
+        if "block_swap" in change and change["block_swap"] <= current.block_swap:
             continue
         trial = replace(current, **change)
         if trial.quantize_text_encoder and (trial.quantize == "none" or trial.cached):
@@ -406,10 +421,11 @@ def plans_real_size(cfg: DictConfig) -> bool:
     return _select(cfg, "model.preset") in REAL_SIZES and not _select(cfg, "model.pretrained")
 
 
-def plan_for_config(cfg: DictConfig, comps: Components | None = None) -> MemoryPlan:
+def plan_for_config(cfg: DictConfig, comps: Components | None = None, gpu_memory_gb: float | None = None,
+                    suggest: bool = True) -> MemoryPlan:
     """The plan for a composed run config: from its built base components (`comps`: built without the adapter and
     memory settings, which the plan applies itself), or on the meta device for a full-size preset."""
-    budget = float(_select(cfg, "launcher.gpu_memory_gb", 24))
+    budget = gpu_memory_gb or float(_select(cfg, "launcher.gpu_memory_gb", 24))
     if plans_real_size(cfg):
         preset = _select(cfg, "model.preset")
         parts = parts_for_real_size(preset)
@@ -419,7 +435,7 @@ def plan_for_config(cfg: DictConfig, comps: Components | None = None) -> MemoryP
             raise ValueError("plan_for_config: pass the run's base components (train.build.build_base)")
         parts, resolution = parts_for_components(comps), comps.resolution
     settings = settings_from_config(cfg, resolution)
-    plan = plan_memory(parts, settings, budget)
+    plan = plan_memory(parts, settings, budget, suggest=suggest)
     if settings.train_text_encoder:
         plan.notes.append("model.train_text_encoder=true: the text encoder's gradients and optimizer state are not "
                           "counted")

@@ -6,9 +6,12 @@ weights once. Trained parameters (an adapter, a full model) stay fp32 for the op
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from train.strategies import is_fsdp
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -31,6 +34,17 @@ def cast_frozen(models: dict[str, torch.nn.Module], precision: str) -> int:
             saved += p.numel() * (p.element_size() - dtype.itemsize)
             p.data = p.data.to(dtype)
     return saved
+
+
+def prepare_frozen(module: torch.nn.Module, frozen: dict[str, torch.nn.Module], strategy: Any, precision: str) -> None:
+    """Before the strategy wraps `module`: frozen weights to the autocast dtype (not under FSDP, which flattens each
+    wrapped block into one dtype), and quantized weights kept out of DDP's start-up broadcast (they are the same on
+    every rank, frozen, and DDP cannot view a quantized tensor)."""
+    if not is_fsdp(strategy):
+        cast_frozen(frozen, precision)
+    quantized = [n for n, p in module.named_parameters() if type(p) not in (torch.Tensor, torch.nn.Parameter)]
+    if quantized:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, quantized)
 
 
 def _frozen_float(params: Iterable[torch.nn.Parameter]) -> Iterable[torch.nn.Parameter]:

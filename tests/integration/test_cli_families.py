@@ -76,5 +76,16 @@ def test_lora_over_a_quantized_swapped_base_resumes_and_exports_a_plain_adapter(
     assert res.returncode == 0, res.stderr[-3000:]
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(t.dtype == torch.float32 for t in lora.values())
-    res = run(*common, "adapter=none", "trainer.max_steps=1", "run_name=full")
-    assert res.returncode != 0 and "model.quantize=int8: a quantized base is frozen" in res.stdout + res.stderr
+    res = run(*common, "adapter=none", "trainer.max_steps=1", "run_name=full")  # refused before anything is built
+    assert res.returncode == 2 and "model.block_swap=1: block swap moves frozen weights" in res.stdout + res.stderr
+    res = run(*common, "adapter=none", "model.block_swap=0", "trainer.max_steps=1", "run_name=full")
+    assert res.returncode == 2 and "model.quantize=int8: a quantized base is frozen" in res.stdout + res.stderr
+
+
+def test_bf16_mixed_full_training_samples_with_frozen_weights_in_bf16(tmp_path):
+    """Under mixed precision the frozen encoders are held in bf16 (train/precision.py); sampling callbacks run under
+    the same autocast, so a full fine-tune (fp32 denoiser, bf16 text encoders) samples and evaluates."""
+    res = run("experiment=flux", "model.preset=flux_micro", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
+              f"paths.output_dir={tmp_path}", "run_name=bf16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "bf16" / "samples" / "step_000002.png").is_file()

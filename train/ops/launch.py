@@ -6,6 +6,7 @@ that start it on every node (torchrun, or an sbatch script), without starting an
 """
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import sys
@@ -15,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from train.ops.plan import memory_plan
+from train.build import build_base
 from train.ops.validate import ConfigError
+from train.plan import MemoryPlan, plan_for_config, plans_real_size
 
 
 @dataclass
@@ -179,10 +181,19 @@ def render_sbatch(cfg: DictConfig, plan: LaunchPlan, args: str) -> str:
                          python=launcher.get("python", "python"), args=args)
 
 
+def memory_plan(cfg: DictConfig, urls: list[str] | None = None) -> MemoryPlan:
+    """The memory planner (train/plan.py) on the config as it would run: the launch plan's per-device batch applied
+    (`data.global_batch_size` with `data.batch_size=null` sets it); a full-size preset plans on the meta device,
+    anything else from its base components built here."""
+    planned = copy.deepcopy(cfg)
+    apply_plan(planned, make_plan(planned, urls))
+    return plan_for_config(planned, None if plans_real_size(planned) else build_base(planned))
+
+
 def dry_run(cfg: DictConfig, urls: list[str] | None, run_dir: Path) -> dict[str, Any]:
     """Print the plan and the launch commands as JSON (stdout), start nothing."""
     plan = make_plan(cfg, urls)
-    memory = memory_plan(cfg)
+    memory = memory_plan(cfg, urls)
     out = {"launch_plan": asdict(plan), "launch": launch_commands(cfg, plan, run_dir), "run_dir": str(run_dir),
            "memory_plan": memory.to_json()}
     print(json.dumps(out, indent=2), flush=True)

@@ -14,15 +14,9 @@ import json
 import logging
 import sys
 
-from omegaconf import DictConfig
-
-from train.build import build_base
+from data.webdataset import expand_urls
+from train.ops.launch import memory_plan
 from train.ops.resolvers import compose_config
-from train.plan import MemoryPlan, plan_for_config, plans_real_size
-
-
-def memory_plan(cfg: DictConfig) -> MemoryPlan:
-    return plan_for_config(cfg, None if plans_real_size(cfg) else build_base(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        plan = memory_plan(compose_config(args))
+        cfg = compose_config(args)
+        plan = memory_plan(cfg, expand_urls(cfg.data.urls) if cfg.data.get("urls") else None)
     except (ValueError, FileNotFoundError) as err:
         print(f"foundry-plan: {err}", file=sys.stderr)
         sys.exit(2)

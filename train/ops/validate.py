@@ -174,19 +174,32 @@ def validate_strategy(cfg: DictConfig) -> None:
 
 
 def validate_memory(cfg: DictConfig) -> None:
-    """`model.quantize` and `model.block_swap` combinations that cannot work (models/quantize.py)."""
+    """`model.quantize` and `model.block_swap` combinations that cannot work (models/quantize.py, block_swap.py)."""
     _check(cfg, "model.block_swap", lambda v: _int(v) and v >= 0, "an integer >= 0 (transformer blocks to swap)",
            optional=True)
+    target = _target(cfg, "strategy")
+    sharded = target.endswith(".DeepSpeed") or target.endswith(".FSDP")
+    adapter = (_get(cfg, "adapter.kind") or "none") != "none"
+    if _get(cfg, "model.block_swap"):
+        if not adapter:
+            raise ConfigError(f"model.block_swap={_get(cfg, 'model.block_swap')}: block swap moves frozen weights and "
+                              "a full fine-tune has none; add adapter=lora, or train on more GPUs (strategy=fsdp)")
+        if sharded or _get(cfg, "model.compile"):
+            raise ConfigError("model.block_swap: not with DeepSpeed, FSDP or model.compile (they wrap or trace the "
+                              "parameters the swap replaces); use strategy=ddp or one device, eager")
     kind = _get(cfg, "model.quantize") or "none"
-    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
     if kind == "none":
         return
     import torch
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    zero = _get(cfg, "strategy.config.zero_optimization") or {}
+
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if _get(cfg, "launcher.dry_run") or _get(cfg, "launcher.kind") == "slurm":
+        device = "any"  # planned or submitted from a machine that is not the one that will train
+    else:
+        cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        device = "cuda" if cuda else accelerator
     try:
-        check_quantization(kind, "cuda" if cuda else accelerator, adapter=(_get(cfg, "adapter.kind") or "none") != "none",
-                           zero3=_target(cfg, "strategy").endswith(".DeepSpeed") and int(zero.get("stage", 0)) == 3)
+        check_quantization(kind, device, adapter=adapter, sharded=sharded)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
