@@ -55,7 +55,7 @@ def child(overrides: list[str]) -> None:
     from train.build import build_base
     from train.ops.resolvers import compose_config
     from train.ops.run import train
-    from train.plan import plan_for_config
+    from train.plan_config import plan_for_config
 
     cfg = compose_config(overrides)
     baseline = _status("VmRSS:")

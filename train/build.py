@@ -23,7 +23,7 @@ from models.quantize import quantize_frozen
 from train.checkpoint import find_checkpoint, is_diffusers_folder, is_training_checkpoint, read_checkpoint
 from train.diffusion import DiffusionCore
 from train.module import DiffusionModule, check_state_dict
-from train.plan import plan_for_config
+from train.plan_config import plan_for_config
 from train.redaction import scrub
 
 log = logging.getLogger(__name__)

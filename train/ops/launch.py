@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.build import build_base
 from train.ops.validate import ConfigError
-from train.plan import MemoryPlan, plan_for_config, plans_real_size
+from train.plan import MemoryPlan
+from train.plan_config import plan_for_config, plans_real_size
 
 
 @dataclass
