@@ -26,7 +26,7 @@ from train.nonfinite import StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
 from train.precision import prepare_frozen
 from train.reference import FrozenReference
-from train.strategies import accumulation_boundary, is_deepspeed, offloads_optimizer, step_rejected_by_strategy
+from train.strategies import accumulation_boundary, is_deepspeed, is_fp16, offloads_optimizer, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         boundary = accumulation_boundary(self.trainer.strategy)  # DeepSpeed steps only on its own boundary
-        if optimizer_closure is not None and not self._fp16() and not is_deepspeed(self.trainer.strategy):
+        if optimizer_closure is not None and not is_fp16(self.trainer) and not is_deepspeed(self.trainer.strategy):
             # the closure runs inside `step`, after the pre-hooks (GradScaler/DeepSpeed step after it: the pre-hook)
             optimizer_closure = self.guard.wrap_closure(optimizer, optimizer_closure)
         self._schedule_free(train=True)  # its step (which runs the closure) must start in training mode
@@ -271,7 +271,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         self._schedule_free(train=False)  # after each step the parameters hold the averaged weights: EMA, sample
         # grids, evaluation and checkpoints read those (a no-op for other optimizers)
         if boundary:
-            rejected = step_rejected_by_strategy(self.trainer.strategy) and not self._fp16()
+            rejected = step_rejected_by_strategy(self.trainer.strategy) and not is_fp16(self.trainer)
             self.guard.finish(self.global_step, rejected_by_strategy=rejected)
 
     def on_train_start(self) -> None:
@@ -285,13 +285,10 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def setup(self, stage: str) -> None:  # before the strategy wraps and moves the model (train/precision.py)
         prepare_frozen(self, {"unet": self.unet, **self.frozen_models()}, self.trainer.strategy, self.trainer.precision)
 
-    def _fp16(self) -> bool:
-        return str(self.trainer.precision).startswith("16")
-
     def on_before_optimizer_step(self, optimizer) -> None:
         """Reject a step whose gradients are not finite on any rank (the loss was). fp16 leaves this to its loss
         scaler; DeepSpeed keeps gradients in its partitions and checks their global norm itself."""
-        if self._fp16() or is_deepspeed(self.trainer.strategy) or self.guard.reason is not None:
+        if is_fp16(self.trainer) or is_deepspeed(self.trainer.strategy) or self.guard.reason is not None:
             return
         local = gradients_finite(self.trainable_parameters())
         if not self.trainer.strategy.reduce_boolean_decision(local is not False, all=True):

@@ -53,6 +53,11 @@ def offloads_optimizer(trainer) -> bool:
     return offload.get("device") in ("cpu", "nvme")
 
 
+def is_fp16(trainer) -> bool:
+    """fp16 precision (mixed or true): its loss scaler, not the non-finite guard, handles overflowing steps."""
+    return str(trainer.precision).startswith("16")
+
+
 def accumulation_boundary(strategy: Any) -> bool:
     """True when this micro-batch's optimizer step is applied. Lightning calls the step every micro-batch under
     DeepSpeed, which counts micro-steps itself and steps only at its gradient-accumulation boundary."""
