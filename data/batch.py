@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from data.transforms import BadSample
-from models.tokens import tokenize
+from models.tokens import row_keys, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small", "bad_label",
                                  "tie", "no_tensor", "bad_tensor", "bad_aspect")
 
-BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "captions", "keys", "meta", "skipped")
+BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "id_keys", "captions", "keys", "meta", "skipped")
 
 # After this many bad samples in a row the data, not a sample, is broken: fail loudly instead of spinning.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -61,6 +61,7 @@ def collate(
         counts[reason] = counts.get(reason, 0) + int(n)
     batch = {
         "input_ids": input_ids,
+        "id_keys": row_keys(input_ids),  # the text cache's keys, read here on the host (train/text_cache.py)
         "captions": captions,
         "keys": [str(s["key"]) for s in samples],
         "meta": [dict(s.get("meta") or {}) for s in samples],

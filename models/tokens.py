@@ -55,3 +55,9 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return ids.to(torch.int64)
+
+
+def row_keys(input_ids: torch.Tensor) -> list[bytes]:
+    """One hashable key per row of token ids (the text cache's, train/text_cache.py); made on the host, in the
+    loader's collate, so that the training step never reads ids back from a device."""
+    return [row.tobytes() for row in input_ids.detach().to("cpu", torch.int64).numpy()]

@@ -20,9 +20,10 @@ from models.block_swap import BlockSwap
 from models.components import Components, apply_speed_switches, build_components, load_pretrained
 from models.export import make_pipeline
 from models.quantize import quantize_frozen
-from train.checkpoint import find_checkpoint, is_diffusers_folder, is_training_checkpoint, read_checkpoint
+from train.checkpoint import (check_state_dict, find_checkpoint, is_diffusers_folder, is_training_checkpoint,
+                              read_checkpoint)
 from train.diffusion import DiffusionCore
-from train.module import DiffusionModule, check_state_dict
+from train.module import DiffusionModule
 from train.plan_config import plan_for_config
 from train.redaction import scrub
 

@@ -176,3 +176,26 @@ def is_diffusers_folder(path: str | Path) -> bool:
     """A model folder of any family (a denoiser in unet/ or transformer/, or a pipeline's model_index.json)."""
     p = Path(path).expanduser()
     return p.is_dir() and any((p / name).exists() for name in ("unet", "transformer", "model_index.json"))
+
+
+# ----- resuming onto a rebuilt module: what the checkpoint holds must fit it -----
+def check_state_dict(module, state_dict: dict[str, Any], fingerprint: str | None) -> None:
+    """A checkpoint must hold every trainable tensor; the frozen ones come from the rebuilt base, which must match."""
+    frozen = module.frozen_keys()
+    missing = [k for k, _ in module.named_parameters() if k not in state_dict and k not in frozen]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensor(s) (e.g. '{missing[0]}'): it was written "
+                         "by a run with other adapter/model settings; resume with the same model and adapter config")
+    check_fingerprint(module, fingerprint)
+
+
+def check_family(module, family: str | None) -> None:
+    if family and family != module.components.family:
+        raise ValueError(f"checkpoint: written by a {family}-family model, but this run builds a "
+                         f"{module.components.family}-family one; resume with the checkpoint's model config")
+
+
+def check_fingerprint(module, fingerprint: str | None) -> None:
+    if fingerprint and fingerprint != module._frozen_fingerprint:
+        raise ValueError("checkpoint: the frozen base weights differ from the ones this checkpoint was trained on "
+                         "(model.pretrained changed on disk, or another preset/seed); point model.* at the same base")

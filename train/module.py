@@ -20,6 +20,7 @@ from models.fingerprint import CHECKPOINT_DIGITS, weights_fingerprint
 from models.masking import PatchMasking
 from models.repa import RepresentationAlignment, load_encoder
 from models.tokens import tokenize
+from train.checkpoint import check_family, check_fingerprint, check_state_dict
 from train.diffusion import DiffusionCore
 from train.methods.base import Method, MethodView
 from train.nonfinite import StepGuard, gradients_finite, skip_loss
@@ -27,6 +28,7 @@ from train.optim import build_optimizer, schedule_free_mode
 from train.precision import prepare_frozen
 from train.reference import FrozenReference
 from train.strategies import accumulation_boundary, is_deepspeed, is_fp16, offloads_optimizer, step_rejected_by_strategy
+from train.text_cache import TextCache
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
                  max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None,
-                 repa: dict[str, Any] | None = None):
+                 repa: dict[str, Any] | None = None, text_cache_mb: float = 256.0):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -52,6 +54,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self.text_cache = TextCache(text_cache_mb)  # frozen text-encoder outputs of repeated captions
         self.guard = StepGuard(max_nonfinite_steps, on_skip=self._log_skip)  # train/nonfinite.py
         self.skipped: Counter[str] = Counter()
         self.source_counts: Counter[str] = Counter()  # samples per dataset of a mixture
@@ -90,6 +93,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def _apply(self, fn, recurse: bool = True):
         """`.to(device)`, `.bfloat16()` and the like reach the frozen models too (once each, when shared)."""
         super()._apply(fn, recurse)
+        self.text_cache.clear()  # its rows were made on the old device / in the old dtype
         seen = {id(m) for m in self.modules()}
         for model in self.frozen_models().values():
             if id(model) not in seen:
@@ -122,7 +126,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         prompt's), else the text encoder on its token ids."""
         cached = batch.get("context")
         if cached is None:
-            return self.encode_text(batch["input_ids"])
+            return self.encode_text(batch["input_ids"], keys=batch.get("id_keys"))
         dropped = batch["context_dropped"].to(cached.device)
         if bool(dropped.any()):
             empty = self.encode_text(self.empty_prompt_ids(1)).to(cached.dtype)
@@ -141,10 +145,12 @@ class DiffusionModule(FrozenReference, L.LightningModule):
             self._empty_ids = tokenize(self.components.tokenizer, [""])
         return self._empty_ids.to(self.device).expand(n, -1)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        trainable = any(p.requires_grad for p in self.text_encoder.parameters())
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+    def encode_text(self, input_ids: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
+        """The text context of token ids; a frozen encoder's rows come from the text cache when seen before."""
+        if any(p.requires_grad for p in self.text_encoder.parameters()):
             return self.text_encoder(input_ids)[0]
+        with torch.no_grad():
+            return self.text_cache.encode(lambda ids: self.text_encoder(ids)[0], input_ids, keys)
 
     @contextlib.contextmanager
     def patch_masking(self, x: torch.Tensor) -> Iterator[torch.Tensor | None]:
@@ -242,9 +248,10 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         with self.micro_conditioning(batch.get("time_ids")):
             out = self.method.loss(batch, self.view)
         loss = out["loss"].mean()
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:  # on any rank: every rank backpropagates a zero loss and drops the optimizer step
-            self.guard.reject("loss")
+        if self._checks_gradients:  # read with the gradients' check, one host sync per step (on_before_optimizer_step)
+            self.guard.note_loss(torch.isfinite(loss.detach()))
+        elif not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            self.guard.reject("loss")  # on any rank: every rank backpropagates a zero loss and drops the step
             return skip_loss(out["loss"])
         bs = out["loss"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -286,14 +293,23 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         prepare_frozen(self, {"unet": self.unet, **self.frozen_models()}, self.trainer.strategy, self.trainer.precision)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Reject a step whose gradients are not finite on any rank (the loss was). fp16 leaves this to its loss
-        scaler; DeepSpeed keeps gradients in its partitions and checks their global norm itself."""
-        if is_fp16(self.trainer) or is_deepspeed(self.trainer.strategy) or self.guard.reason is not None:
+        """Reject a step whose loss or gradients are not finite on any rank: both flags read in one host sync."""
+        if not self._checks_gradients:
             return
+        flags = self.guard.take_loss_flag(self.device)
         local = gradients_finite(self.trainable_parameters())
-        if not self.trainer.strategy.reduce_boolean_decision(local is not False, all=True):
-            self.guard.reject("gradient")
+        flags = torch.stack([flags, local if local is not None else torch.ones_like(flags)]).float()
+        loss_ok, grads_ok = self.trainer.strategy.reduce(flags, reduce_op="min").tolist() if self.world_size > 1 \
+            else flags.tolist()  # the one host read of the step (the all-reduce stays on the device)
+        if not (loss_ok and grads_ok):
+            self.guard.reject("loss" if not loss_ok else "gradient")
             self.guard.drop_if_rejected(optimizer)
+
+    @property
+    def _checks_gradients(self) -> bool:
+        """The loss and gradient checks run together before the optimizer step; fp16 leaves both to its loss scaler,
+        DeepSpeed keeps gradients in its partitions (the loss is checked in the step, the gradients by the engine)."""
+        return not (is_fp16(self.trainer) or is_deepspeed(self.trainer.strategy))
 
     def _log_skip(self, reason: str, total: int) -> None:
         self.log("train/nonfinite_steps", float(total))
@@ -377,24 +393,3 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         else:
             check_fingerprint(self, state.get("frozen_fingerprint"))
 
-
-def check_state_dict(module: DiffusionModule, state_dict: dict[str, Any], fingerprint: str | None) -> None:
-    """A checkpoint must hold every trainable tensor; the frozen ones come from the rebuilt base, which must match."""
-    frozen = module.frozen_keys()
-    missing = [k for k, _ in module.named_parameters() if k not in state_dict and k not in frozen]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensor(s) (e.g. '{missing[0]}'): it was written "
-                         "by a run with other adapter/model settings; resume with the same model and adapter config")
-    check_fingerprint(module, fingerprint)
-
-
-def check_family(module: DiffusionModule, family: str | None) -> None:
-    if family and family != module.components.family:
-        raise ValueError(f"checkpoint: written by a {family}-family model, but this run builds a "
-                         f"{module.components.family}-family one; resume with the checkpoint's model config")
-
-
-def check_fingerprint(module: DiffusionModule, fingerprint: str | None) -> None:
-    if fingerprint and fingerprint != module._frozen_fingerprint:
-        raise ValueError("checkpoint: the frozen base weights differ from the ones this checkpoint was trained on "
-                         "(model.pretrained changed on disk, or another preset/seed); point model.* at the same base")

@@ -47,12 +47,13 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-def gradients_finite(params: list[torch.nn.Parameter]) -> bool | None:
-    """Whether this rank's gradients are all finite (one reduction, not one per tensor); None when it holds none."""
+def gradients_finite(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Whether this rank's gradients are all finite, as a 0-d bool tensor on their device (one fused reduction, no
+    host read: the caller reads it with the loss's flag); None when it holds none."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
 
 class StepGuard:
@@ -69,6 +70,16 @@ class StepGuard:
         self.total = 0
         self.reason: str | None = None
         self.on_skip = on_skip
+        self._loss_ok: torch.Tensor | None = None
+
+    def note_loss(self, finite: torch.Tensor) -> None:
+        """A micro-batch's loss flag (a 0-d bool tensor, not read yet): an optimizer step's micro-batches are ANDed."""
+        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
+
+    def take_loss_flag(self, device: torch.device) -> torch.Tensor:
+        """The step's loss flag (True when no micro-batch noted one), reset for the next step."""
+        flag, self._loss_ok = self._loss_ok, None
+        return flag.to(device) if flag is not None else torch.ones((), dtype=torch.bool, device=device)
 
     def reject(self, reason: str) -> None:
         if self.reason is None:
@@ -95,7 +106,7 @@ class StepGuard:
     def finish(self, step: int, rejected_by_strategy: bool = False) -> str | None:
         """Close the optimizer step `step`; returns why it was skipped, or None when it was applied."""
         reason = self.reason or ("gradient" if rejected_by_strategy else None)
-        self.reason = None
+        self.reason, self._loss_ok = None, None
         if reason is None:
             self.streak = 0
             return None

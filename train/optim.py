@@ -1,6 +1,7 @@
 """Optimizers by config (`optimizer.name`), each from the library that maintains it; nothing is re-implemented here.
 
-- `adamw`: torch's AdamW, fused kernels where the device has them (DeepSpeed's CPU Adam under ZeRO-Offload).
+- `adamw`: torch's AdamW, fused kernels on CUDA (`optimizer.fused=true`: on CPU too), the multi-tensor loop otherwise
+  (DeepSpeed's CPU Adam under ZeRO-Offload).
 - `lion`: Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms") from lion-pytorch. Takes about 3-10x
   smaller learning rates than AdamW and a larger weight decay; one state tensor per parameter instead of two.
 - `muon`: torch.optim.Muon for the 2-D weights of hidden linear layers, AdamW for everything else (embeddings,
@@ -109,8 +110,11 @@ def build_optimizer(cfg: dict[str, Any], params: list[torch.nn.Parameter], modul
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(params, adamw_mode=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # fused: one kernel per parameter group (CUDA by default; on CPU on request: it rounds differently from the
+        # reference loop); otherwise the multi-tensor (foreach) loop, bit for bit the per-parameter loop's result
         fused = device == "cuda" if fused is None else bool(fused)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        kernel = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
     if name == "lion":
         from lion_pytorch import Lion
 
