@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PINS ?= constraints/pins.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all bench gpu-check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(PINS)
@@ -35,3 +35,8 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/bench_loop.py
+
+# The GPU check (benchmarks/gpu_check.py): one JSON of throughput/MFU, optimizers, strategies' memory, host syncs, the
+# digits demo, the gpu tests and the memory stages; under 8 minutes on one H100. Without CUDA every stage is skipped.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out outputs/gpu_check.json

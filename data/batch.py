@@ -9,6 +9,7 @@ processes: the LightningModule sums ``batch["skipped"]`` and logs
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SKIP_REASONS: tuple[str, ...] = ("read", "decode", "no_image", "no_caption", "bad_caption", "too_small", "bad_label",
                                  "tie", "no_tensor", "bad_tensor", "bad_aspect")
 
-BATCH_KEYS: tuple[str, ...] = ("pixels", "input_ids", "id_keys", "captions", "keys", "meta", "skipped")
+BATCH_KEYS: tuple[str, ...] = ("pixels", "pixel_keys", "input_ids", "id_keys", "captions", "keys", "meta", "skipped")
 
 # After this many bad samples in a row the data, not a sample, is broken: fail loudly instead of spinning.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -73,7 +74,15 @@ def collate(
         batch["sources"] = [str(s["source"]) for s in samples]
     if "tensors" in samples[0]:  # cached latents (data/latent_cache.py): the model skips its encoders
         return {**_cached_tensors(samples), **batch}
-    return {"pixels": torch.stack([s["pixels"] for s in samples]).to(torch.float32), **batch}
+    pixels = torch.stack([s["pixels"] for s in samples]).to(torch.float32)
+    return {"pixels": pixels, "pixel_keys": pixel_keys(pixels), **batch}
+
+
+def pixel_keys(pixels: torch.Tensor) -> list[bytes]:
+    """One content key per image ([B, C, H, W], after the transforms): the latent cache's keys (train/row_cache.py),
+    made here on the host so that the training step never reads pixels back from a device."""
+    return [hashlib.blake2b(str(tuple(p.shape)).encode() + p.numpy().tobytes(), digest_size=16).digest()
+            for p in pixels.detach().cpu()]
 
 
 def _cached_tensors(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
 """DiffusionModule: the one training loop. Methods supply a per-sample loss; nothing overrides this step.
 
-It owns the trained network(s), the optimizer and LR schedule, the non-finite guard and the data-skip
-accounting. EMA, sampling, evaluation and throughput live in callbacks.
-"""
+It owns the trained network(s), the optimizer and LR schedule, the non-finite guard, the encoders' caches and the
+data-skip accounting. EMA, sampling, evaluation and throughput live in callbacks."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections import Counter
+from functools import partial
 from typing import Any, Iterator
 
 import lightning as L
@@ -28,7 +28,7 @@ from train.optim import build_optimizer, schedule_free_mode
 from train.precision import prepare_frozen
 from train.reference import FrozenReference
 from train.strategies import accumulation_boundary, is_deepspeed, is_fp16, offloads_optimizer, step_rejected_by_strategy
-from train.text_cache import TextCache
+from train.row_cache import RowCache, text_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def __init__(self, components: Components, core: DiffusionCore, method: Method,
                  optimizer: dict[str, Any] | None = None, lr_scheduler: dict[str, Any] | None = None,
                  max_nonfinite_steps: int = 5, seed: int = 0, masking: dict[str, Any] | None = None,
-                 repa: dict[str, Any] | None = None, text_cache_mb: float = 256.0):
+                 repa: dict[str, Any] | None = None, text_cache_mb: float = 64.0, latent_cache_mb: float = 1024.0):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -54,7 +54,8 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.seed = seed
         self._generator: torch.Generator | None = None
-        self.text_cache = TextCache(text_cache_mb)  # frozen text-encoder outputs of repeated captions
+        self.text_cache = RowCache(text_cache_mb)  # frozen encoders' outputs of repeated inputs (train/row_cache.py)
+        self.latent_cache = RowCache(latent_cache_mb, evict=False, host=True)
         self.guard = StepGuard(max_nonfinite_steps, on_skip=self._log_skip)  # train/nonfinite.py
         self.skipped: Counter[str] = Counter()
         self.source_counts: Counter[str] = Counter()  # samples per dataset of a mixture
@@ -93,7 +94,8 @@ class DiffusionModule(FrozenReference, L.LightningModule):
     def _apply(self, fn, recurse: bool = True):
         """`.to(device)`, `.bfloat16()` and the like reach the frozen models too (once each, when shared)."""
         super()._apply(fn, recurse)
-        self.text_cache.clear()  # its rows were made on the old device / in the old dtype
+        self.text_cache.clear()  # their rows were made on the old device / in the old dtype
+        self.latent_cache.clear()
         seen = {id(m) for m in self.modules()}
         for model in self.frozen_models().values():
             if id(model) not in seen:
@@ -102,12 +104,14 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         return self
 
     # ----- encoders shared by every method -----
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> the space the UNet works in (latents when a VAE is present)."""
+    def encode_images(self, pixels: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the space the UNet works in (latents when a VAE is present); the latent distribution
+        of images seen before (host `keys`, from the loader) comes from the latent cache."""
         if self.vae is None:
             return pixels
         with torch.no_grad():
-            return self.sample_latents(*self.components.spec.encode_latents(self.vae, pixels))
+            encode = partial(self.components.spec.encode_latents, self.vae)
+            return self.sample_latents(*self.latent_cache.encode(encode, pixels, keys))
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """A draw from the VAE's latent distribution, from the module's noise generator (reproducible on resume)."""
@@ -119,7 +123,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         carries them, else its pixels through the VAE (latent models) or as they are (pixel models)."""
         if "latent_mean" in batch:
             return self.sample_latents(batch["latent_mean"], batch["latent_std"])
-        return self.encode_images(batch["pixels"])
+        return self.encode_images(batch["pixels"], keys=batch.get("pixel_keys"))
 
     def batch_context(self, batch: dict[str, Any]) -> torch.Tensor:
         """A batch's text context: cached embeddings when present (rows whose caption was dropped get the empty
@@ -150,7 +154,8 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         if any(p.requires_grad for p in self.text_encoder.parameters()):
             return self.text_encoder(input_ids)[0]
         with torch.no_grad():
-            return self.text_cache.encode(lambda ids: self.text_encoder(ids)[0], input_ids, keys)
+            return self.text_cache.encode(lambda ids: (self.text_encoder(ids)[0],), input_ids,
+                                          text_keys(input_ids, keys))[0]
 
     @contextlib.contextmanager
     def patch_masking(self, x: torch.Tensor) -> Iterator[torch.Tensor | None]:

@@ -1,5 +1,5 @@
-"""Speed without changing the math: the text cache (repeated captions encoded once, same values), the optimizer's
-default kernel (bit for bit the reference loop), the step clock used against diffusers' script."""
+"""Speed without changing the math: the encoders' row caches (repeated captions and images encoded once, same values),
+the optimizer's default kernel (bit for bit the reference loop), the step clock used against diffusers' script."""
 import copy
 import json
 import subprocess
@@ -11,7 +11,7 @@ import torch
 from models.tokens import row_keys, tokenize
 from train.build import build_module
 from train.optim import build_optimizer
-from train.text_cache import TextCache
+from train.row_cache import RowCache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,36 +26,61 @@ class Counting(torch.nn.Module):
 
     def forward(self, ids):
         self.rows += ids.shape[0]
-        return self.emb(ids).cumsum(1)
+        return (self.emb(ids).cumsum(1),)
 
 
-def test_text_cache_encodes_each_distinct_row_once_and_returns_the_same_values():
-    enc, cache = Counting(), TextCache(max_mb=1)
+def keys(ids):
+    return row_keys(ids)
+
+
+def test_row_cache_encodes_each_distinct_row_once_and_returns_the_same_values():
+    enc, cache = Counting(), RowCache(max_mb=1)
     a = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3]])
     b = torch.tensor([[4, 5, 6], [7, 8, 9]])
     with torch.no_grad():
-        out_a, out_b = cache.encode(enc, a), cache.encode(enc, b)
-        assert torch.equal(out_a, enc(a)) and torch.equal(out_b, enc(b))
+        (out_a,), (out_b,) = cache.encode(enc, a, keys(a)), cache.encode(enc, b, keys(b))
+        assert torch.equal(out_a, enc(a)[0]) and torch.equal(out_b, enc(b)[0])
     assert enc.rows == 3 + 2 + 3  # 3 distinct rows in all, then the two direct calls above
     assert (cache.hits, cache.misses) == (2, 3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: other rows
-        assert cache.encode(lambda ids: enc(ids).to(torch.bfloat16), a).dtype == torch.bfloat16
+        assert cache.encode(lambda ids: (enc(ids)[0].to(torch.bfloat16),), a, keys(a))[0].dtype == torch.bfloat16
     assert cache.misses == 5
+    assert cache.encode(enc, a, None)[0].shape == (3, 3, 4) and cache.misses == 5  # no host keys: not cached
 
 
-def test_text_cache_is_bounded_and_off_at_zero():
+def test_row_cache_bounds_evict_or_keep_the_first_rows():
     enc = Counting()
     row_bytes = 3 * 4 * 4
-    cache = TextCache(max_mb=2.5 * row_bytes / 2**20)  # room for two rows
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     with torch.no_grad():
-        cache.encode(enc, torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]]))
-        assert len(cache.rows) == 2 and cache.bytes == 2 * row_bytes
-        off = TextCache(max_mb=0)
-        off.encode(enc, torch.tensor([[1, 2, 3]]))
+        lru = RowCache(max_mb=2.5 * row_bytes / 2**20)  # room for two rows
+        lru.encode(enc, ids, keys(ids))
+        assert len(lru.rows) == 2 and lru.bytes == 2 * row_bytes and keys(ids)[0] not in {k[3:] for k in lru.rows}
+        first = RowCache(max_mb=2.5 * row_bytes / 2**20, evict=False)  # the latent cache: the first rows stay
+        first.encode(enc, ids, keys(ids))
+        assert [k[3:] for k in first.rows] == keys(ids)[:2]
+        off = RowCache(max_mb=0)
+        off.encode(enc, ids, keys(ids))
     assert not off.rows
 
 
-def test_module_uses_the_cache_for_a_frozen_encoder_only(tiny_cfg):
+def test_latent_cache_gives_the_same_moments_and_samples(tiny_cfg):
+    from data.batch import pixel_keys
+
+    module = build_module(tiny_cfg("model.preset=micro_latent"))
+    pixels = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pixels[3] = pixels[0]  # a repeated image
+    with torch.no_grad():
+        ref = module.components.spec.encode_latents(module.vae, pixels)
+        for _ in range(2):  # the second pass is served from the cache
+            module.noise_generator.manual_seed(5)
+            cached = module.encode_images(pixels, keys=pixel_keys(pixels))
+            module.noise_generator.manual_seed(5)
+            assert torch.equal(cached, module.sample_latents(*ref))
+    assert (module.latent_cache.misses, module.latent_cache.hits) == (5, 7)
+
+
+def test_module_uses_the_text_cache_for_a_frozen_encoder_only(tiny_cfg):
     module = build_module(tiny_cfg())
     ids = tokenize(module.components.tokenizer, ["a handwritten digit one", "a handwritten digit two"] * 4)
     with torch.no_grad():
@@ -68,7 +93,7 @@ def test_module_uses_the_cache_for_a_frozen_encoder_only(tiny_cfg):
     assert out.requires_grad and not trained.text_cache.rows
 
 
-def test_loader_batches_carry_host_keys_for_the_cache():
+def test_loader_batches_carry_host_keys_for_the_caches():
     from data.batch import collate
     from models.tiny import build_tokenizer, default_caption_corpus
 
@@ -76,6 +101,7 @@ def test_loader_batches_carry_host_keys_for_the_cache():
     batch = collate([{"pixels": torch.zeros(3, 8, 8), "caption": c, "key": str(i)}
                      for i, c in enumerate(["a digit", "a dog", "a digit"])], tokenizer=tok)
     assert batch["id_keys"][0] == batch["id_keys"][2] != batch["id_keys"][1]
+    assert batch["pixel_keys"][0] == batch["pixel_keys"][2] and len(set(batch["pixel_keys"])) == 1
 
 
 def test_default_adamw_is_the_multi_tensor_loop_and_equals_the_reference_loop():
