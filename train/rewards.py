@@ -210,20 +210,28 @@ def finite_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ok, int((~ok).sum())
 
 
-def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, gather=None,
-                          eps: float = 1e-6) -> torch.Tensor:
+def per_prompt_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, gather=None, eps: float = 1e-6,
+                          ok: torch.Tensor | None = None, min_group: int | None = None) -> torch.Tensor:
     """(r - mean_prompt) / std_prompt, the statistics over every rank's samples of the same prompt.
 
-    `gather(t) -> [world, ...]` (e.g. LightningModule.all_gather); prompts seen once fall back to the global
-    statistics. Returns this rank's advantages, in its own order.
+    `gather(t) -> [world, ...]` (e.g. LightningModule.all_gather). `ok` marks usable rewards (others are left out of
+    every statistic and get 0). Without `min_group`, prompts seen once fall back to the global statistics (DDPO);
+    with it, a prompt's group with fewer usable samples gets no advantage at all (GRPO). Returns this rank's
+    advantages, in its own order.
     """
+    ok = torch.isfinite(rewards) if ok is None else ok
+    rewards = torch.where(ok, rewards, torch.zeros_like(rewards))
     all_r = gather(rewards).reshape(-1) if gather else rewards
     all_p = gather(prompt_ids).reshape(-1) if gather else prompt_ids
-    adv = torch.empty_like(rewards)
-    g_mean, g_std = all_r.mean(), all_r.std(unbiased=False)
+    all_ok = (gather(ok.float()).reshape(-1) > 0.5) if gather else ok
+    adv = torch.zeros_like(rewards)
+    usable = all_r[all_ok]
+    g_mean, g_std = (usable.mean(), usable.std(unbiased=False)) if usable.numel() else (0.0, 1.0)
     for pid in prompt_ids.unique():
-        mine, theirs = prompt_ids == pid, all_p == pid
+        mine, theirs = (prompt_ids == pid) & ok, (all_p == pid) & all_ok
         vals = all_r[theirs]
+        if min_group is not None and vals.numel() < min_group:
+            continue
         mean, std = (vals.mean(), vals.std(unbiased=False)) if vals.numel() > 1 else (g_mean, g_std)
         adv[mine] = (rewards[mine] - mean) / (std + eps)
     return adv

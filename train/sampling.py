@@ -80,10 +80,64 @@ def ddim_step(sched: DDIMScheduler, model_output: torch.Tensor, t: int, x_t: tor
     return StepOut(prev_sample.to(x_t.dtype), mean, std, x0, log_prob)
 
 
+def flow_sigmas(train_scheduler, steps: int, image_seq_len: int | None = None) -> torch.Tensor:
+    """The flow sampler's noise levels [steps + 1], from 1 to 0, with the model's shift (as its pipeline samples)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
+    kwargs = {}
+    if sched.config.get("use_dynamic_shifting"):  # Flux: the shift depends on the image's token count
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(image_seq_len or 256, sched.config.get("base_image_seq_len", 256),
+                                       sched.config.get("max_image_seq_len", 4096),
+                                       sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
+    sched.set_timesteps(steps, **kwargs)
+    return sched.sigmas.float()
+
+
+def flow_sde_step(velocity: torch.Tensor, sigmas: torch.Tensor, i: int, x_t: torch.Tensor, noise_level: float,
+                  generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOut:
+    """One transition sigma_i -> sigma_{i+1} of Flow-GRPO's SDE (Liu et al. 2025, eq. 8-9): the reverse-time SDE
+    with the probability-flow ODE's marginals, diffusion sigma_t = a sqrt(s / (1 - s)) (`noise_level` = a; at s = 1
+    the next level stands in for the singular 1 - s). With a = 0 it is the Euler ODE step x + v ds exactly."""
+    s, s_next = sigmas[i].to(x_t.device), sigmas[i + 1].to(x_t.device)
+    ds = s_next - s  # negative: towards the data
+    x, v = x_t.float(), velocity.float()
+    s_in = torch.where(s >= 1, sigmas[1].to(x_t.device), s)
+    diffusion = noise_level * torch.sqrt(s / (1 - s_in))
+    mean = x * (1 + diffusion**2 / (2 * s) * ds) + v * (1 + diffusion**2 * (1 - s) / (2 * s)) * ds
+    std = diffusion * torch.sqrt(-ds)
+    if prev_sample is None:
+        prev_sample = mean
+        if noise_level > 0:
+            prev_sample = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return StepOut(prev_sample.to(x_t.dtype), mean, std, x - s * v, gaussian_log_prob(prev_sample.float(), mean, std))
+
+
+def sample_flow(predict: Predict, sigmas: torch.Tensor, x_T: torch.Tensor, noise_level: float = 0.0,
+                generator: torch.Generator | None = None, sde_window: tuple[int, int] | None = None,
+                num_train_timesteps: int = 1000) -> Trajectory:
+    """Run the flow chain from `x_T` (sigma 1) with Flow-GRPO's SDE inside `sde_window` (step indices [lo, hi); all
+    steps when None) and the ODE outside it; every state is kept, log-probs are those of the SDE steps (0 on ODE
+    steps). `predict` gets the model's timestep, sigma x num_train_timesteps."""
+    lo, hi = sde_window or (0, len(sigmas) - 1)
+    x, states, log_probs = x_T, [x_T.detach()], []
+    for i in range(len(sigmas) - 1):
+        t = torch.full((x.shape[0],), float(sigmas[i]) * num_train_timesteps, device=x.device)
+        step = flow_sde_step(predict(x, t), sigmas, i, x, noise_level if lo <= i < hi else 0.0, generator)
+        x = step.prev_sample
+        states.append(x.detach())
+        log_probs.append(step.log_prob.detach())
+    times = sigmas[:-1] * num_train_timesteps
+    return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), times, final=x)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, std^2 I), averaged over every dimension but the batch; 0 for a deterministic step."""
     if float(std) == 0.0:
         return torch.zeros(x.shape[0], device=x.device)
+    std = torch.as_tensor(std, device=x.device, dtype=torch.float32)
     lp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 

@@ -35,6 +35,7 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
 
 class DDPO(Method):
     name = "ddpo"
+    min_group: int | None = None  # a prompt seen once is normalised by the rollout's statistics (GRPO: skipped)
 
     def __init__(self, reward: Reward, sample_steps: int = 20, eta: float = 1.0, guidance: float = 1.0,
                  samples_per_prompt: int = 4, minibatch: int = 16, inner_epochs: int = 1, clip_range: float = 1e-4,
@@ -57,6 +58,27 @@ class DDPO(Method):
     def _sched(self, module):
         return ddim_scheduler(module.core.scheduler, self.sample_steps, clip_sample=module.vae is None,
                               stochastic_last_step=True)  # every transition has a log-prob gradient
+
+    # ----- the policy's sampler, for the subclasses: DDIM here, Flow-GRPO's SDE in train/methods/grpo.py -----
+    def _initial_noise(self, module, n: int) -> torch.Tensor:
+        size, ch = module.components.sample_size, module.components.in_channels
+        return torch.randn((n, ch, size, size), generator=module.noise_generator, device=module.device)
+
+    def _trajectory(self, module, predict, x_T: torch.Tensor):
+        return sample(predict, self._sched(module), x_T, eta=self.eta, generator=module.noise_generator,
+                      keep_states=True)
+
+    def _transition(self, module, pred: torch.Tensor, j: int, x_t: torch.Tensor, x_prev: torch.Tensor):
+        """The policy's transition j (x_t -> x_prev) re-scored: its log-probability under the current weights."""
+        return ddim_step(self._sched(module), pred, int(self.buffer["timesteps"][j]), x_t, eta=self.eta,
+                         prev_sample=x_prev)
+
+    def _trained_steps(self) -> list[int]:
+        """The transitions training units may pick (`train_timesteps` of them per minibatch)."""
+        return list(range(self.sample_steps))
+
+    def _regularized(self, out: dict, module, step, x_t, t, j: int, cond, uncond) -> dict:
+        return out  # GRPO adds its KL to the reference
 
     def _conds(self, module, ids: torch.Tensor, encode):
         cond = encode(ids)
@@ -89,17 +111,15 @@ class DDPO(Method):
         prompts = [p for p in batch["captions"] for _ in range(k)]
         ids = batch["input_ids"].repeat_interleave(k, 0)
         cond, uncond = self._conds(module, ids, module.encode_text)
-        size, ch = module.components.sample_size, module.components.in_channels
-        x_T = torch.randn((len(prompts), ch, size, size), generator=module.noise_generator, device=module.device)
-        traj = sample(lambda x, t: guided(module.unet, x, t, cond, uncond, self.guidance), self._sched(module), x_T,
-                      eta=self.eta, generator=module.noise_generator, keep_states=True)
+        x_T = self._initial_noise(module, len(prompts))
+        traj = self._trajectory(module, lambda x, t: guided(module.unet, x, t, cond, uncond, self.guidance), x_T)
         images = module.decode(traj.images)
         rewards = self.reward(images, prompts).float()
         ok, bad = finite_rewards(rewards)
         pids = torch.tensor([prompt_id(p) for p in prompts], device=module.device)
         gather = module.gather if module.world_size > 1 else None
         safe = torch.where(ok, rewards, torch.zeros_like(rewards))
-        adv = per_prompt_advantages(safe, pids, gather) if ok.any() else torch.zeros_like(rewards)
+        adv = per_prompt_advantages(safe, pids, gather, ok=ok, min_group=self.min_group)
         adv = torch.where(ok, adv.clamp(-self.adv_clip_max, self.adv_clip_max), torch.zeros_like(adv))
         self.buffer = {"states": traj.states, "log_probs": traj.log_probs, "timesteps": traj.timesteps,
                        "ids": ids, "adv": adv, "ok": ok, "reward_mean": safe[ok].mean() if ok.any() else None,
@@ -112,8 +132,9 @@ class DDPO(Method):
             perm = torch.randperm(n, generator=module.noise_generator, device=module.device)
             for start in range(0, n, self.minibatch):
                 idx = perm[start:start + self.minibatch]
-                steps = torch.randperm(self.sample_steps, generator=module.noise_generator)[:self.train_timesteps]
-                order += [(idx, int(j)) for j in steps]
+                steps = self._trained_steps()
+                pick = torch.randperm(len(steps), generator=module.noise_generator)[:self.train_timesteps]
+                order += [(idx, steps[int(j)]) for j in pick]
         self.units = order
         self.rollouts += 1
         self.seconds["rollout"] += time.perf_counter() - t0
@@ -131,11 +152,12 @@ class DDPO(Method):
             log.warning("ddpo: every reward of the rollout was NaN/Inf; this step is skipped")
             self.units = []
         cond, uncond = self._conds(module, b["ids"][idx], module.encode_text)
-        t = int(b["timesteps"][j])
         x_t, x_prev = b["states"][idx, j], b["states"][idx, j + 1]
-        pred = guided(module.unet, x_t, torch.tensor(t, device=module.device), cond, uncond, self.guidance)
-        step = ddim_step(self._sched(module), pred, t, x_t, eta=self.eta, prev_sample=x_prev)
+        t = b["timesteps"][j].to(module.device)
+        pred = guided(module.unet, x_t, t, cond, uncond, self.guidance)
+        step = self._transition(module, pred, j, x_t, x_prev)
         out = ppo_loss(step.log_prob, b["log_probs"][idx, j], b["adv"][idx], self.clip_range)
+        out = self._regularized(out, module, step, x_t, t, j, cond, uncond)
         out["loss"] = out["loss"] * b["ok"][idx]
         if skip:  # NaN through the policy's graph: the module skips the optimizer step on every rank
             out["loss"] = out["loss"] + float("nan")
