@@ -27,7 +27,7 @@ def test_dry_run_exercises_every_stage_on_cpu(tmp_path):
         row = r["throughput"][model]
         assert row["eager"]["samples_per_s"] > 0 and row["compiled"]["samples_per_s"] > 0 and row["compile_speedup"]
     opts = r["optimizers"]
-    assert opts["adamw_foreach"]["weights_finite"] and opts["adamw_fused"]["state_bytes_per_param"] == 8.0
+    assert opts["adamw_foreach"]["weights_finite"] and round(opts["adamw_fused"]["state_bytes_per_param"]) == 8
     assert opts["adamw8bit"]["skipped"].startswith("skipped: no CUDA device")
     assert r["strategies"]["single"]["steps"] == 4 and r["strategies"]["single"]["planned_gib"] > 0
     assert r["strategies"]["fsdp"] == {"skipped": "skipped: no CUDA device"}
