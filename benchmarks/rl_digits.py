@@ -1,6 +1,8 @@
 """Online RL on the digits world through the real CLI: DDPO (full and LoRA) with the digits judge's reward,
 reward backprop (AlignProp: the whole chain; DRaFT-K: the last K steps) with the same reward, and DDPO with JPEG
-incompressibility.
+incompressibility; on a flow base (a DiT run), Flow-GRPO and its controls (`--variants grpo grpo_full grpo_full_no_kl
+grpo_full_shuffled grpo_full_jpeg`: LoRA; full; full without KL, i.e. DDPO-style; full on the shuffled-prompt
+reward, a control; full on digits + 0.1 x JPEG size, a second reward).
 
 Reports the reward curve (from the run's CSV metrics: reward per optimizer step; PNG beside the JSON), the mean reward
 (digits log-prob, JPEG KB) and unguided prompt accuracy before and after on held-out seeds, and the wall-clock
@@ -51,6 +53,12 @@ VARIANTS = {
     "draft2": ["experiment=reward_backprop", "method.grad_last=2"],  # DRaFT-K, the last 2 steps only
     "alignprop_augmented": ["experiment=reward_backprop", "reward=digits_augmented"],
     "jpeg": ["experiment=ddpo", "reward=jpeg_incompressibility"],
+    # flow bases (a DiT run): Flow-GRPO, its controls and a second reward through the weighted sum
+    "grpo": ["experiment=grpo"],  # LoRA (the experiment's default)
+    "grpo_full": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4"],
+    "grpo_full_no_kl": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "method.kl_beta=0"],  # DDPO-style
+    "grpo_full_shuffled": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "reward=digits_shuffled"],
+    "grpo_full_jpeg": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "reward=digits_plus_incompressibility"],
 }
 
 
@@ -76,7 +84,8 @@ def main() -> None:
                  "reward_first_last": [rewards[0][1], rewards[-1][1]] if rewards else None,
                  "reward_curve": rewards[:: max(1, len(rewards) // 20)]}
         entry["after_heldout_reward"] = rewards_of(pipe)
-        if name != "jpeg":  # the held-out reward stays the plain judge's log-prob for every variant
+        if name != "jpeg":  # the held-out reward stays the plain judge's log-prob for every variant; `after` has the
+            # independent judge's accuracy too (val/independent_accuracy_g*: an SVM no training step used)
             entry["after"] = digits_metrics(pipe, GUIDANCE)
         if "train/rollout_seconds" in s:
             entry["rollout_seconds"], entry["non_rollout_seconds"] = s["train/rollout_seconds"], s["train/train_seconds"]

@@ -151,6 +151,31 @@ def _as_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return images if images.is_floating_point() else images.float()
 
 
+class IndependentJudge:
+    """A second judge that no training step uses: an RBF support-vector machine (another architecture) fit on the
+    quarter of the real digits that `DigitJudge` held out (a disjoint split), on the same 8x8 round trip. RL and
+    preference methods train against `DigitJudge` (the reward, the pair ranker); their gains are read here too, so a
+    gain that only games the reward's network shows as a gap between the two. Fit in well under a second; sklearn at
+    inference (it scores, it never gives gradients)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        from sklearn.model_selection import train_test_split
+        from sklearn.svm import SVC
+
+        feats, labels = [], None
+        for res in _TRAIN_RESOLUTIONS:
+            imgs, labels = real_digit_images(res)
+            feats.append(to_judge_input(imgs).numpy() / 16.0)
+        idx_judge, idx_own = train_test_split(np.arange(len(labels)), test_size=0.25, random_state=seed,
+                                              stratify=labels)  # DigitJudge.train's split: this judge gets the rest
+        self.svm = SVC(C=10.0, gamma="scale").fit(np.concatenate([f[idx_own] for f in feats]),
+                                                  np.concatenate([labels[idx_own]] * len(feats)))
+        self.test_accuracy = float(self.svm.score(feats[0][idx_judge], labels[idx_judge]))
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        return self.svm.predict(to_judge_input(_as_float(images)).detach().cpu().numpy() / 16.0)
+
+
 def prompt_accuracy(judge: DigitJudge, images: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
     """Share of images the judge classifies as the digit they were prompted with."""
     labels = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)

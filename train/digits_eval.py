@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data.digits import eval_prompt
-from models.digits_judge import DigitJudge, frechet_distance, prompt_accuracy, real_digit_features
+from models.digits_judge import DigitJudge, IndependentJudge, frechet_distance, prompt_accuracy, real_digit_features
 from train.sampling import straightness
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
     """`val/prompt_accuracy` is the best over the scales; every scale is reported too. `digits` restricts the
     prompts (e.g. to the digits a DreamBooth base knew, to measure prior preservation)."""
     judge = judge or DigitJudge.cached()
+    second = IndependentJudge()  # what no training step used (RL rewards and pair rankers are `judge`)
     real = None
     metrics: dict[str, float] = {}
     best = (-1.0, None)
@@ -51,6 +52,7 @@ def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0,
         real = real if real is not None else real_digit_features(judge, resolution=images.shape[-1])
         fd = frechet_distance(judge.features(images), real)
         metrics[f"val/prompt_accuracy_g{g:g}"] = acc
+        metrics[f"val/independent_accuracy_g{g:g}"] = prompt_accuracy(second, images, labels)
         metrics[f"val/frechet_g{g:g}"] = fd
         log.info("digits eval: guidance %.1f -> prompt accuracy %.3f, Fréchet %.2f (%.1fs)", g, acc, fd,
                  time.perf_counter() - t0)

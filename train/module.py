@@ -27,8 +27,8 @@ from train.nonfinite import StepGuard, gradients_finite, skip_loss
 from train.optim import build_optimizer, schedule_free_mode
 from train.precision import prepare_frozen
 from train.reference import FrozenReference
-from train.strategies import accumulation_boundary, is_deepspeed, is_fp16, offloads_optimizer, step_rejected_by_strategy
 from train.row_cache import RowCache, text_keys
+from train.strategies import accumulation_boundary, is_deepspeed, is_fp16, offloads_optimizer, step_rejected_by_strategy
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         if not self._checks_gradients:
             return
         flags = self.guard.take_loss_flag(self.device)
-        local = gradients_finite(self.trainable_parameters())
+        local = gradients_finite([p for group in optimizer.param_groups for p in group["params"]])
         flags = torch.stack([flags, local if local is not None else torch.ones_like(flags)]).float()
         loss_ok, grads_ok = self.trainer.strategy.reduce(flags, reduce_op="min").tolist() if self.world_size > 1 \
             else flags.tolist()  # the one host read of the step (the all-reduce stays on the device)

@@ -175,6 +175,19 @@ class WeightedSum(Reward):
         return sum(w * r(images, prompts) for r, w in self.terms)
 
 
+class ShuffledPrompts(Reward):
+    """A control: `reward` scored against the batch's prompts in a random order, so it no longer says whether an
+    image matches its own prompt. RL on it must not raise prompt accuracy; if it does, the gain came from
+    something other than the reward's prompt signal."""
+    def __init__(self, reward: Reward, seed: int = 0):
+        self.reward, self.name, self.differentiable = reward, f"shuffled_{reward.name}", reward.differentiable
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        order = torch.randperm(len(prompts), generator=self.generator).tolist()
+        return self.reward(images, [prompts[i] for i in order])
+
+
 class Augmented(Reward):
     """The mean of `reward` over `draws` random translations (up to `max_shift` pixels, edge pixels repeated) and
     optional Gaussian pixel noise: an expectation over transformations. Reward backprop follows the reward's

@@ -102,3 +102,12 @@ def test_log_prob_is_differentiable_and_matches_proba(judge: DigitJudge, real16)
     proba = judge.predict_proba(x.detach())
     expected = np.log(proba[np.arange(16), labels])
     np.testing.assert_allclose(logp.detach().double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_independent_judge_is_another_model_on_the_held_out_quarter():
+    from models.digits_judge import IndependentJudge, real_digit_images
+
+    judge = IndependentJudge()
+    assert type(judge.svm).__name__ == "SVC" and judge.test_accuracy > 0.95  # scored on the MLP judge's 75%
+    images, labels = real_digit_images(16)
+    assert (judge.predict(images[:200]) == labels[:200]).mean() > 0.95

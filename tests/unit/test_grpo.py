@@ -107,3 +107,15 @@ def test_bad_settings_are_one_line_errors(kw, match):
 def test_a_unet_of_another_objective_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="method=grpo"):
         build_module(tiny_cfg("method=grpo", "reward=digits"))
+
+
+def test_shuffled_prompts_control_scores_against_other_prompts():
+    from train.rewards import ShuffledPrompts
+
+    class Echo(Reward):
+        def __call__(self, images, prompts):
+            return torch.tensor([float(p.split()[-1]) for p in prompts])
+
+    prompts = [f"digit {i}" for i in range(8)]
+    out = ShuffledPrompts(Echo(), seed=0)(torch.zeros(8, 3, 4, 4), prompts)
+    assert sorted(out.tolist()) == list(range(8)) and out.tolist() != list(range(8))
