@@ -137,6 +137,8 @@ CASES: dict[str, Case] = {
     # 2 prompts x samples_per_prompt 2 = 4 trajectories; one training unit is a minibatch of them
     "ddpo": Case(["experiment=ddpo", "method.sample_steps=2", "method.samples_per_prompt=2", "method.minibatch=4"],
                  prompt_batch, 4),
+    "grpo": Case(["experiment=grpo", "model=dit_tiny", "model.preset=dit_micro", "method.sample_steps=2",
+                  "method.group_size=2", "method.minibatch=4"], prompt_batch, 4),
     "reward_backprop": Case(["experiment=reward_backprop", "method.sample_steps=2"], prompt_batch, 2),
     "lcm": Case(["experiment=lcm", f"method.teacher={TEACHER}", "model.guidance_embedding=32"], image_batch, 2,
                 advance_lcm, {"target"}),
