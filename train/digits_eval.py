@@ -15,6 +15,7 @@ import torch
 
 from data.digits import eval_prompt
 from models.digits_judge import DigitJudge, IndependentJudge, frechet_distance, prompt_accuracy, real_digit_features
+from train.prompt_eval import generate_images
 from train.sampling import straightness
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,7 @@ def generate_digits(pipe, n_per_digit: int, guidance_scale: float, steps: int, s
     """Images in [-1, 1] for "a handwritten digit k", one fixed seed per image (independent of batching)."""
     labels = np.array([d for d in digits for _ in range(n_per_digit)])
     prompts = [eval_prompt(int(d)) for d in labels]
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        imgs = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                    output_type="pt").images
-        out.append(imgs.float().cpu() * 2 - 1)
-    return torch.cat(out), labels
+    return generate_images(pipe, prompts, guidance_scale, steps, seed, batch_size), labels
 
 
 def evaluate_digits(pipe, judge: DigitJudge | None = None, guidance_scales=(1.0, 3.0, 5.0), n_per_digit: int = 20,

@@ -39,6 +39,7 @@ class RunFiles:
     source: str = "none"  # where the curves came from: csv | wandb | none
     summary: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)  # eval/digits_step_*.json, oldest first
+    prompt_eval: dict = field(default_factory=dict)  # the newest eval/prompts*.json (foundry-eval --prompts, callback)
     grid: Path | None = None
 
 
@@ -126,6 +127,8 @@ def load_run(path: Path) -> RunFiles:
         except ReportError as e:  # an old wandb without `leet`: still report evaluations and grids
             log.warning("%s: no curves (%s)", path, e)
     run.evals = [json.loads(p.read_text()) for p in sorted((path / "eval").glob("digits_step_*.json"))]
+    prompt_files = sorted((path / "eval").glob("prompts*.json"), key=lambda p: p.stat().st_mtime)
+    run.prompt_eval = json.loads(prompt_files[-1].read_text()) if prompt_files else {}
     grids = sorted((path / "samples").glob("step_*.png"))
     run.grid = grids[-1] if grids else None
     return run
@@ -163,6 +166,18 @@ def table(runs: list[RunFiles], metric: str) -> str:
         lines.append(f"| {i} | {r.name} | {r.summary.get('global_step', '-')} | {fmt(final_loss(r, metric))} | "
                      f"{fmt(ev.get('val/prompt_accuracy'))} | {fmt(ev.get('val/best_guidance'))} | "
                      f"{fmt(ev.get('val/frechet'))} | {r.source} |")
+    return "\n".join(lines)
+
+
+def prompt_table(runs: list[RunFiles]) -> str:
+    """The prompt-set evaluations (rewards, FID/KID, held-out loss per guidance scale), one column per metric."""
+    keys = sorted({k for r in runs for k, v in r.prompt_eval.items() if k.startswith("eval/") and
+                   isinstance(v, (int, float))})
+    lines = ["| # | run | " + " | ".join(k.removeprefix("eval/") for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for i, r in enumerate(runs):
+        cells = [f"{r.prompt_eval[k]:.4g}" if k in r.prompt_eval else "-" for k in keys]
+        lines.append(f"| {i} | {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -245,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = render(runs, Path(args.out), args.metric)
     print(redact(table(runs, args.metric)))
+    if any(r.prompt_eval for r in runs):
+        print(redact(prompt_table(runs)))
     print(f"report: {out}")
     return 0
 
