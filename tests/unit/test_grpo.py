@@ -65,7 +65,7 @@ class ByDigit(Reward):
 
 def grpo_module(tiny_cfg, **kw):
     module = build_module(tiny_cfg("model=dit_tiny", "model.preset=dit_micro", "adapter=lora"))
-    method = GRPO(ByDigit(), sample_steps=3, group_size=2, minibatch=4, **kw)
+    method = GRPO(ByDigit(), sample_steps=3, **{"group_size": 2, "minibatch": 4, **kw})
     module.method = method
     method.setup(module.view)
     return module, method
@@ -85,6 +85,17 @@ def test_rollout_and_a_training_unit_with_kl_zero_at_the_reference(tiny_cfg):
     out["loss"].mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.trainable_parameters())
     assert len(method.units) == method.steps_per_rollout(2) * 3 - 1  # every trained step of every minibatch
+
+
+def test_groups_that_do_not_fill_the_minibatches_evenly_train_every_trajectory(tiny_cfg):
+    from models.tokens import tokenize
+
+    module, method = grpo_module(tiny_cfg, group_size=3, minibatch=4)  # 2 prompts x 3 = 6 trajectories: 4 + 2
+    prompts = ["a handwritten digit two", "a handwritten digit three"]
+    out = method.loss({"captions": prompts, "input_ids": tokenize(module.components.tokenizer, prompts)}, module.view)
+    assert torch.isfinite(out["loss"]).all() and method.steps_per_rollout(2) == 2
+    seen = {int(i) for idx, _ in method.units for i in idx}
+    assert seen == set(range(6)) and method.buffer["adv"].abs().sum() > 0
 
 
 def test_shared_noise_gives_a_group_one_start(tiny_cfg):
