@@ -24,7 +24,7 @@ from train.checkpoint import check_family, check_fingerprint, check_state_dict
 from train.diffusion import DiffusionCore
 from train.methods.base import Method, MethodView
 from train.nonfinite import StepGuard, gradients_finite, skip_loss
-from train.optim import build_optimizer, schedule_free_mode
+from train.optim import build_optimizer, schedule_free_mode, schedule_free_settings
 from train.precision import prepare_frozen
 from train.reference import FrozenReference
 from train.row_cache import RowCache, text_keys
@@ -64,6 +64,7 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         # LoRA checkpoint is megabytes; the fingerprint catches a base that changed on disk since.
         self.strict_loading = False
         self._last_method_step = -1
+        self._own_groups: dict[str, dict[str, Any]] = {}  # register_trainable's param-group settings
         masking = dict(masking or {})
         self.masking = PatchMasking(self.unet, **masking) if masking.get("ratio") else None
         repa = dict(repa or {})
@@ -229,10 +230,11 @@ class DiffusionModule(FrozenReference, L.LightningModule):
         """`tensor` from every rank, stacked on a new first dimension ([world, ...]); as is on one process."""
         return self.all_gather(tensor) if self.world_size > 1 else tensor[None]
 
-    def register_trainable(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
-        """A network the method trains beside the denoiser (VSD's fake score): part of the optimizer, the strategy's
-        sharding and the checkpoints."""
+    def register_trainable(self, name: str, model: torch.nn.Module, **group: Any) -> torch.nn.Module:
+        """A network the method trains beside the denoiser (DMD2's fake score): optimized, sharded and checkpointed;
+        `group` (lr, betas, weight_decay; None: the run's) gives it its own param group in the one optimizer."""
         self.add_module(name, model)
+        self._own_groups[name] = {k: v for k, v in group.items() if v is not None}
         return model
 
     @property
@@ -345,18 +347,16 @@ class DiffusionModule(FrozenReference, L.LightningModule):
 
     # ----- optimizer -----
     def configure_optimizers(self):
-        params = self.trainable_parameters()
+        own = {n: [p for p in getattr(self, n).parameters() if p.requires_grad] for n, g in self._own_groups.items() if g}
+        taken = {id(p) for ps in own.values() for p in ps}
+        params = [p for p in self.trainable_parameters() if id(p) not in taken]
         if not params:
             raise ValueError("optimizer: the model has no trainable parameters; check model/adapter settings")
-        sched_cfg = dict(self.lr_scheduler_cfg)
-        opt_cfg = dict(self.optimizer_cfg)
-        if opt_cfg.get("name") == "adamw_schedulefree":  # its own warmup; a decaying schedule would defeat it
-            if sched_cfg.get("name", "constant") != "constant":
-                raise ValueError(f"lr_scheduler.name={sched_cfg.get('name')}: optimizer.name=adamw_schedulefree needs no "
-                                 "schedule; set lr_scheduler.name=constant (warmup_steps is passed to the optimizer)")
-            opt_cfg["warmup_steps"], sched_cfg["warmup_steps"] = sched_cfg.get("warmup_steps", 0), 0
+        opt_cfg, sched_cfg = schedule_free_settings(dict(self.optimizer_cfg), dict(self.lr_scheduler_cfg))
         optimizer = build_optimizer(opt_cfg, params, modules=(self.unet, self.text_encoder),
                                     cpu_offload=offloads_optimizer(self._trainer))
+        for name, ps in own.items():  # a method's own network with its own settings (DMD2's fake score)
+            optimizer.add_param_group({"params": ps, **self._own_groups[name]})
         self.guard.install(optimizer)  # drops a rejected step inside the optimizer, under every strategy
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
         scheduler = get_scheduler(sched_cfg.pop("name", "constant"), optimizer,

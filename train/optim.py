@@ -79,6 +79,16 @@ def hidden_matrices(modules: Iterable[torch.nn.Module], params: list[torch.nn.Pa
             if isinstance(m, torch.nn.Linear) and id(m.weight) in trainable and m.weight.ndim == 2}
 
 
+def schedule_free_settings(opt_cfg: dict[str, Any], sched_cfg: dict[str, Any]) -> tuple[dict, dict]:
+    """Schedule-free AdamW has its own warmup and refuses a decaying schedule: the warmup moves to the optimizer."""
+    if opt_cfg.get("name") == "adamw_schedulefree":
+        if sched_cfg.get("name", "constant") != "constant":
+            raise ValueError(f"lr_scheduler.name={sched_cfg.get('name')}: optimizer.name=adamw_schedulefree needs no "
+                             "schedule; set lr_scheduler.name=constant (warmup_steps is passed to the optimizer)")
+        opt_cfg["warmup_steps"], sched_cfg["warmup_steps"] = sched_cfg.get("warmup_steps", 0), 0
+    return opt_cfg, sched_cfg
+
+
 def build_optimizer(cfg: dict[str, Any], params: list[torch.nn.Parameter], modules: Iterable[torch.nn.Module] = (),
                     cpu_offload: bool = False) -> torch.optim.Optimizer:
     """The optimizer `cfg` (the `optimizer` config node) names, over `params`; consumes every key it uses and
