@@ -148,6 +148,8 @@ CASES: dict[str, Case] = {
                         image_batch, 2, advance_progressive, {"round", "teacher"}),
     "reflow": Case(["experiment=reflow", f"method.teacher={TEACHER}", "data.urls=unused"], coupling_batch, 2),
     "vsd": Case(["experiment=vsd", f"method.teacher={TEACHER}", "method.fake_rank=2"], prompt_batch, 2),
+    "dmd2": Case(["experiment=dmd2", f"method.teacher={TEACHER}", "method.gan_weight=0.1", "method.fake_updates=1"],
+                 image_batch, 2),
 }
 XFAIL: dict[str, str] = {}  # method -> the precise reason it cannot keep the contract today (strict)
 
