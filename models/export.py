@@ -31,6 +31,9 @@ def make_sampler(comps: Components, name: str = "ddim"):
     extra = {"clip_sample": comps.vae is None} if name in ("ddim", "ddpm", "lcm", "ddim_trailing") else {}
     if name == "ddim_trailing":  # timesteps from T down (999, 874, ...): what few-step progressive students need
         extra["timestep_spacing"] = "trailing"
+    if comps.sampling_horizon is not None:  # the teacher's schedule cut at t_c: the sampler starts there, and a plain
+        h = int(comps.sampling_horizon) + 1  # diffusers scheduler config holds it (its betas are the first h)
+        extra.update(num_train_timesteps=h, trained_betas=comps.scheduler.betas[:h].tolist())
     return SAMPLERS[name].from_config(comps.scheduler.config, **extra)
 
 

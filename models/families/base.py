@@ -40,6 +40,7 @@ class Components:
     family: str = "sd"
     native_resolution: int | None = None  # set where no config holds the image size (Qwen-Image): model.resolution
     block_swap: Any = None  # a models.block_swap.BlockSwap while training with model.block_swap=N
+    sampling_horizon: int | None = None  # a few-step student's first timestep t_c < T-1 (DMD2's conditioning timestep)
 
     @property
     def spec(self) -> "Family":

@@ -21,6 +21,10 @@ gradient in a step is not stepped (AdamW skips it), so each phase moves only its
 - `student_steps` K > 1: the student samples like LCMScheduler at K steps (x0 prediction, re-noised to the next
   timestep); training picks one of the K steps and reaches its input by running the student itself from noise
   (DMD2's backward simulation, no gradient). Sample it with `sampler=lcm` at K steps.
+- `conditioning_timestep` t_c: the student takes pure noise at t_c instead of T-1 (DMD2's SDXL one-step model uses
+  399), and its samplers and exports start there (the teacher's schedule cut at t_c). Needed where alpha_bar(T-1) is
+  ~0 (a cosine schedule: 2.4e-9 on the digits teacher), since an epsilon student's x0 = (x - sqrt(1-a) eps) / sqrt(a)
+  amplifies its errors by 1/sqrt(a) (20,000x there).
 - `regression_weight` > 0 with data.kind=coupling: DMD's regression loss on teacher (noise, image) couplings.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from models.adapters import AdapterSpec, adapters_disabled, apply_adapter
 from models.components import Components
+from models.export import make_sampler
 from train.methods.base import Method
 from train.sampling import guided
 
@@ -74,7 +79,7 @@ class DMD2(Method):
     def __init__(self, guidance_min: float = 3.0, guidance_max: float = 3.0, fake_score: str = "full",
                  fake_rank: int = 16, fake_updates: int = 5, fake_lr: float | None = None, gan_weight: float = 0.0,
                  student_steps: int = 1, regression_weight: float = 0.0, t_range=(0.02, 0.98),
-                 teacher: str | None = None):
+                 conditioning_timestep: int | None = None, teacher: str | None = None):
         if not 1.0 <= guidance_min <= guidance_max:
             raise ValueError(f"method.guidance_min/max={guidance_min}/{guidance_max}: expected 1 <= min <= max")
         if int(fake_updates) < 1:
@@ -89,6 +94,7 @@ class DMD2(Method):
         self.fake_kind, self.fake_rank, self.k = fake_score, int(fake_rank), int(fake_updates)
         self.fake_lr, self.gan_weight, self.student_steps = fake_lr, float(gan_weight), int(student_steps)
         self.regression_weight, self.t_range = float(regression_weight), (float(t_range[0]), float(t_range[1]))
+        self.t_c = None if conditioning_timestep is None else int(conditioning_timestep)
 
     # ----- setup -----
     def setup(self, module) -> None:
@@ -118,13 +124,20 @@ class DMD2(Method):
         return x, torch.full((1,), module.core.num_timesteps // 2), module.encode_text(module.empty_prompt_ids(1))
 
     def _student_timesteps(self, module) -> list[float]:
-        """The timesteps the student samples at: LCMScheduler's for K steps (VP), sigmas 1, 1-1/K, ... (flow)."""
+        """The timesteps the student samples at: the `lcm` sampler's for K steps (VP; from `conditioning_timestep`
+        when set), sigmas 1, 1 - 1/K, ... (flow)."""
         T, K = module.core.num_timesteps, self.student_steps
         if module.core.flow:
-            return [T * (1 - i / K) for i in range(K)]
-        from diffusers import LCMScheduler  # lazy: diffusers' scheduler module only for its timestep rule
-
-        sched = LCMScheduler(num_train_timesteps=T)
+            if K > 1 or self.t_c is not None:
+                raise ValueError("method.student_steps/conditioning_timestep: a flow student samples in one Euler "
+                                 "step from sigma 1 (no re-noising sampler for flow students yet); set 1 and null")
+            return [float(T)]
+        if self.t_c is not None:
+            if not 0 < self.t_c < T or (self.t_c + 1) % 50:
+                raise ValueError(f"method.conditioning_timestep={self.t_c}: expected t < {T} with t + 1 a multiple of "
+                                 "50 (LCMScheduler's grid), e.g. 399 or 899")
+            module.components.sampling_horizon = self.t_c  # samplers and exports start there (models/export.py)
+        sched = make_sampler(module.components, "lcm")
         sched.set_timesteps(K)
         return [float(t) for t in sched.timesteps]
 
