@@ -102,3 +102,19 @@ def test_resume_in_the_middle_of_a_cycle_is_exact(tmp_path):
         torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
     moved = [n for n, t in straight["state_dict"].items() if n.startswith("fake_score.")]
     assert moved
+
+
+def test_conditioning_timestep_starts_the_student_and_its_exported_sampler_there(tiny_cfg, tmp_path):
+    from diffusers import LCMScheduler
+
+    from models.export import export_pipeline
+
+    module = build_module(tiny_cfg("method=dmd2", "method.teacher=x", "adapter=none", "method.fake_updates=1",
+                                   "method.conditioning_timestep=899", "method.student_steps=2"))
+    assert module.method.timesteps[0] == 899 and len(module.method.timesteps) == 2
+    sched = LCMScheduler.from_pretrained(export_pipeline(module.components, tmp_path / "e", "lcm") / "scheduler")
+    sched.set_timesteps(1)
+    assert int(sched.timesteps[0]) == 899
+    torch.testing.assert_close(sched.alphas_cumprod, module.components.scheduler.alphas_cumprod[:900])
+    with pytest.raises(ValueError, match=r"method.conditioning_timestep=900: expected t < 1000 with t \+ 1 a multiple"):
+        build_module(tiny_cfg("method=dmd2", "method.teacher=x", "adapter=none", "method.conditioning_timestep=900"))
