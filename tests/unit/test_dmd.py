@@ -118,3 +118,14 @@ def test_conditioning_timestep_starts_the_student_and_its_exported_sampler_there
     torch.testing.assert_close(sched.alphas_cumprod, module.components.scheduler.alphas_cumprod[:900])
     with pytest.raises(ValueError, match=r"method.conditioning_timestep=900: expected t < 1000 with t \+ 1 a multiple"):
         build_module(tiny_cfg("method=dmd2", "method.teacher=x", "adapter=none", "method.conditioning_timestep=900"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.pretrained=/models/other"], "method.teacher=/t but model.pretrained=/models/other: the student starts"),
+    (["strategy=ddp"], "strategy=ddp with method=dmd2/vsd: .* strategy.find_unused_parameters=true"),
+])
+def test_a_student_that_is_not_its_teacher_or_ddp_without_unused_parameters_is_refused(tiny_cfg, overrides, match):
+    from train.ops.validate import validate_combinations
+
+    with pytest.raises(ValueError, match=match):
+        validate_combinations(tiny_cfg("experiment=dmd2", "method.teacher=/t", *overrides))

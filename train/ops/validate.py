@@ -122,8 +122,10 @@ def validate_combinations(cfg: DictConfig) -> None:
     if method.endswith(".Reflow") and kind != "coupling":
         raise ConfigError(f"method=reflow trains on teacher couplings but data.kind={kind}; use experiment=reflow "
                           "(data.kind=coupling) with data.urls from `foundry-shards couplings`")
-    if kind == "coupling" and not (method.endswith(".Reflow") or method.endswith(".VSD")):
-        raise ConfigError("data.kind=coupling (teacher couplings) feeds method=reflow or method=vsd only")
+    if kind == "coupling" and not method.endswith((".Reflow", ".VSD", ".DMD2")):
+        raise ConfigError("data.kind=coupling (teacher couplings) feeds method=reflow, vsd or dmd2 only")
+    if method.endswith((".VSD", ".DMD2")):
+        validate_distribution_matching(cfg)
     if method.endswith(".DDPO"):
         steps, fraction = _get(cfg, "method.sample_steps"), _get(cfg, "method.timestep_fraction") or 1.0
         per_step = max(1, round(fraction * steps))
@@ -136,6 +138,17 @@ def validate_combinations(cfg: DictConfig) -> None:
     if str(_get(cfg, "trainer.precision")) == "16-mixed" and _get(cfg, "trainer.accelerator") == "cpu":
         raise ConfigError("trainer.precision=16-mixed on trainer.accelerator=cpu: fp16 autocast needs a GPU; "
                           "use 32-true (or bf16-mixed) on CPU")
+
+
+def validate_distribution_matching(cfg: DictConfig) -> None:
+    """DMD2/VSD: the student starts as the teacher, and its phases leave one network or the other without gradients."""
+    teacher, pretrained = _get(cfg, "method.teacher"), _get(cfg, "model.pretrained")
+    if pretrained not in (None, teacher):
+        raise ConfigError(f"method.teacher={teacher} but model.pretrained={pretrained}: the student starts as the "
+                          "teacher; set method.teacher only (experiment=dmd2/vsd copies it into model.pretrained)")
+    if _target(cfg, "strategy").endswith("DDPStrategy") and not _get(cfg, "strategy.find_unused_parameters"):
+        raise ConfigError("strategy=ddp with method=dmd2/vsd: each step trains either the student or the fake score, "
+                          "so set strategy.find_unused_parameters=true")
 
 
 def validate_strategy(cfg: DictConfig) -> None:
