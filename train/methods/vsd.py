@@ -19,7 +19,7 @@ class VSD(DMD2):
 
     def __init__(self, guidance_min: float = 3.0, guidance_max: float = 3.0, fake_rank: int = 16,
                  fake_updates: int = 2, fake_lr: float | None = None, regression_weight: float = 0.0,
-                 t_range=(0.02, 0.98), teacher: str | None = None):
+                 t_range=(0.02, 0.98), conditioning_timestep: int | None = None, teacher: str | None = None):
         super().__init__(guidance_min, guidance_max, fake_score="lora", fake_rank=fake_rank, fake_updates=fake_updates,
                          fake_lr=fake_lr, gan_weight=0.0, student_steps=1, regression_weight=regression_weight,
-                         t_range=t_range, teacher=teacher)
+                         t_range=t_range, conditioning_timestep=conditioning_timestep, teacher=teacher)
