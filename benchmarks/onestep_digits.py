@@ -1,9 +1,10 @@
 """One-step students on the digits world, through the real CLI: reflow (2-rectified flow on teacher couplings, then
-one-step distillation), progressive distillation (8 -> 4 -> 2 -> 1 steps) and VSD. Prompt accuracy and Fréchet
+one-step distillation), progressive distillation (8 -> 4 -> 2 -> 1 steps), DMD2 at 1, 2 and 4 steps (and with its GAN
+term) and image-free VSD (and VSD started at T-1, the first version's setting). Prompt accuracy and Fréchet
 distance at 1, 2, 4 steps against the teacher at 25 guided DDIM steps, training wall-clock per route, and the
 straightness of the reflow students' flows.
 
-    python benchmarks/onestep_digits.py --teacher RUN_DIR --out /tmp/onestep [--routes reflow progressive vsd]
+    python benchmarks/onestep_digits.py --teacher RUN_DIR --out /tmp/onestep [--routes reflow progressive dmd2 vsd ...]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def scores(model, sampler: str, steps: int, guidance=(1.0,)) -> dict:
     from train.build import load_pipeline
 
     m = digits_metrics(load_pipeline(model, sampler=sampler), guidance, steps=steps)
-    keep = ("prompt_accuracy", "frechet", "best_guidance", "straightness")
+    keep = ("prompt_accuracy", "independent_accuracy_g1", "frechet", "best_guidance", "straightness")
     return {k: m[k] for k in keep if k in m}
 
 
@@ -63,25 +64,42 @@ def progressive(args, teacher: Path) -> dict:
             **{f"{n}_steps": scores(last(args.out, "progressive"), "ddim_trailing", n) for n in (1, 2, 4)}}
 
 
-def vsd(args, teacher: Path) -> dict:
-    s = train(args.out, "vsd", "experiment=vsd", f"method.teacher={teacher}",
-              f"method.guidance_min={args.teacher_guidance}", f"method.guidance_max={args.teacher_guidance}",
-              f"trainer.max_steps={args.vsd_steps}", *quiet())
-    return {"seconds": s["wall_seconds"], "command": s["command"], "1_steps": scores(last(args.out, "vsd"), "lcm", 1)}
+DM_ROUTES = {  # distribution matching (train/methods/dmd.py): student steps K and the run's overrides
+    "dmd2": (1, ["experiment=dmd2"]),
+    "dmd2_2step": (2, ["experiment=dmd2", "method.student_steps=2"]),
+    "dmd2_4step": (4, ["experiment=dmd2", "method.student_steps=4"]),
+    "dmd2_gan": (1, ["experiment=dmd2", "method.gan_weight=0.01"]),
+    "vsd": (1, ["experiment=vsd"]),  # image-free, LoRA fake score
+    "vsd_t999": (1, ["experiment=vsd", "method.conditioning_timestep=null"]),  # the first version's start at T-1
+}
+
+
+def distribution_matching(route: str):
+    def run(args, teacher: Path) -> dict:
+        k, overrides = DM_ROUTES[route]
+        s = train(args.out, route, *overrides, f"method.teacher={teacher}", f"method.guidance_min={args.dm_guidance}",
+                  f"method.guidance_max={args.dm_guidance}", f"trainer.max_steps={args.dm_steps}",
+                  *(["method.conditioning_timestep=899"] if route != "vsd_t999" else []),
+                  "method.fake_updates=2", "optimizer.lr=1e-5", "method.fake_lr=1e-4", *quiet())
+        return {"seconds": s["wall_seconds"], "command": s["command"],
+                f"{k}_steps": scores(last(args.out, route), "lcm", k)}
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--routes", nargs="+", default=["reflow", "progressive", "vsd"])
+    ap.add_argument("--routes", nargs="+", default=["reflow", "progressive", *DM_ROUTES],
+                    choices=["reflow", "progressive", *DM_ROUTES])
     ap.add_argument("--teacher-guidance", type=float, default=2.0)
     ap.add_argument("--couplings", type=int, default=4096)
     ap.add_argument("--reflow-steps", type=int, default=1000)
     ap.add_argument("--distill-steps", type=int, default=500)
     ap.add_argument("--convert-steps", type=int, default=300)
     ap.add_argument("--round-steps", type=int, default=300)
-    ap.add_argument("--vsd-steps", type=int, default=600)
+    ap.add_argument("--dm-steps", type=int, default=300, help="DMD2/VSD optimizer steps (fake + generator)")
+    ap.add_argument("--dm-guidance", type=float, default=3.0, help="the teacher's guidance in DMD2/VSD")
     ap.add_argument("--extra", nargs="*", default=[])
     args = ap.parse_args()
     EXTRA.extend(args.extra)
@@ -90,7 +108,8 @@ def main() -> None:
     result = {"benchmark": "onestep_digits", "teacher": str(teacher),
               "teacher_ddim25": scores(teacher, "ddim", 25, GUIDANCE_TEACHER)}
     for route in args.routes:
-        result[route] = {"reflow": reflow, "progressive": progressive, "vsd": vsd}[route](args, teacher)
+        run = {"reflow": reflow, "progressive": progressive}.get(route) or distribution_matching(route)
+        result[route] = run(args, teacher)
         dump(result, args.out / "onestep_digits.json")
 
 
