@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from callbacks.ema import inference_weights, samples_here
 from callbacks.periodic import EveryNSteps
 from callbacks.wandb_log import log_samples_table
 from models.export import make_pipeline
-from models.pipeline import to_uint8_grid
+from models.pipeline import labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ class SampleImages(EveryNSteps):
         gens = [torch.Generator().manual_seed(s) for _ in self.prompts for s in self.seeds]
         with inference_weights(trainer, module, self.use_ema):
             pipe = make_pipeline(module.components, self.sampler)
-            pipe.set_progress_bar_config(disable=not trainer.is_global_zero, leave=False,
+            pipe.set_progress_bar_config(disable=not trainer.is_global_zero or not sys.stderr.isatty(), leave=False,
                                          desc=f"sampling step {trainer.global_step}")
             images = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
                           generator=gens, output_type="np").images
         if not trainer.is_global_zero:
             return None
-        grid = Image.fromarray(to_uint8_grid(images, nrow=len(self.seeds)))  # one row per prompt
+        grid = labelled_grid(images, self.prompts, [f"seed {s}" for s in self.seeds])  # one row per prompt
         path = run_dir(trainer) / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)

@@ -7,6 +7,7 @@ samples come from the same code. Self-contained on purpose: it imports only torc
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Callable
 
 import numpy as np
@@ -138,3 +139,27 @@ def to_uint8_grid(images: np.ndarray, nrow: int) -> np.ndarray:
         r, col = divmod(i, nrow)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
     return (grid.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def labelled_grid(images: np.ndarray, row_labels: list[str], col_labels: list[str], min_cell: int = 64,
+                  label_width: int = 220):
+    """A grid a person can read: [N,H,W,C] floats in [0,1], one row per `row_labels` entry (its prompt on the left)
+    and one column per `col_labels` entry (e.g. the seed, on top); tiny cells upscaled (nearest neighbour) to at
+    least `min_cell` pixels. Returns a PIL image."""
+    from PIL import Image, ImageDraw  # lazy: PIL only for grids
+
+    ncol = len(col_labels)
+    scale = max(1, -(-min_cell // images.shape[1]))
+    grid = Image.fromarray(to_uint8_grid(images, nrow=ncol))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    cell_h, cell_w, top = images.shape[1] * scale, images.shape[2] * scale, 16
+    canvas = Image.new("RGB", (label_width + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (label_width, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(col_labels):
+        draw.text((label_width + j * cell_w + 3, 2), str(text), fill="black")
+    for i, text in enumerate(row_labels):
+        lines = textwrap.wrap(str(text), width=max(8, label_width // 7))[: max(1, cell_h // 12)]
+        for k, line in enumerate(lines):
+            draw.text((4, top + i * cell_h + 4 + 12 * k), line, fill="black")
+    return canvas

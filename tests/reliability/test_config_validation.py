@@ -41,3 +41,16 @@ def test_a_run_shorter_than_its_warmup_warms_up_over_a_tenth_of_it():
     assert cfg.lr_scheduler.warmup_steps == 1 and "warming up over 1 step(s)" in note and "\n" not in note
     validate(cfg)
     assert fit_short_run(compose(["trainer.max_steps=200", "lr_scheduler.warmup_steps=100"])) is None
+
+
+@pytest.mark.parametrize("experiment, command", [
+    *[(e, "foundry-train run_name=teacher") for e in ("lcm", "lcm_lora", "progressive", "guidance_distill", "vsd",
+                                                      "dmd2")],
+    ("dpo", "benchmarks/dpo_digits.py --base RUN"),
+    ("reflow", "foundry-"),
+])
+def test_an_experiment_without_its_teacher_or_data_names_the_command_that_makes_it(experiment, command):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"experiment={experiment}"]))
+    message = str(err.value)
+    assert "required but not set" in message and command in message and "\n" not in message

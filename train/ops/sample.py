@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from models.pipeline import to_uint8_grid
+from models.pipeline import labelled_grid
 from train.build import load_pipeline
 from train.ops.export import find_checkpoint
 
@@ -37,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
                   output_type="np").images
-    Image.fromarray(to_uint8_grid(images, nrow=args.n)).save(args.out)
+    rows = [f"{p} (seeds {args.seed + i * args.n}-{args.seed + (i + 1) * args.n - 1})" for i, p in enumerate(args.prompt)]
+    labelled_grid(images, rows, [f"#{j}" for j in range(args.n)]).save(args.out)
     print(f"wrote {len(prompts)} images to {args.out}")
     return 0
 

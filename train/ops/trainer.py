@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.progress_line import ProgressLine
 from train.build import _kwargs, resolved_config
 from train.checkpoint import AtomicCheckpointIO
 from train.module import DiffusionModule
@@ -61,6 +63,7 @@ def build_logger(cfg: DictConfig):
             os.environ["WANDB_MODE"] = "offline"
         identity = wandb_identity(cfg)  # group / job_type / tags per experiment and sweep
     logger = instantiate(node, **identity)
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)  # Lightning passes it; W&B warns that it is ignored
     git = git_state() if cfg.get("tracking", {}).get("git", True) else {}
     with scrubbed_argv():  # the first call starts the W&B run, which records the command line
         logger.log_hyperparams({**resolved_config(cfg), "git": {k: git.get(k) for k in ("commit", "branch", "dirty")}})
@@ -89,6 +92,9 @@ def build_plugins() -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    return L.Trainer(**_kwargs(cfg.trainer), default_root_dir=str(run_dir), max_epochs=-1,
-                     num_sanity_val_steps=0, callbacks=build_callbacks(cfg, run_dir), logger=build_logger(cfg),
-                     strategy=build_strategy(cfg), plugins=build_plugins())
+    kwargs, callbacks = _kwargs(cfg.trainer), build_callbacks(cfg, run_dir)
+    if not sys.stdout.isatty():  # a log file: a plain line every 30 s instead of a bar that shows only at the end
+        kwargs["enable_progress_bar"] = False
+        callbacks.append(ProgressLine())
+    return L.Trainer(**kwargs, default_root_dir=str(run_dir), max_epochs=-1, num_sanity_val_steps=0,
+                     callbacks=callbacks, logger=build_logger(cfg), strategy=build_strategy(cfg), plugins=build_plugins())

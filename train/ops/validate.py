@@ -61,8 +61,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first problem found."""
     missing = _missing(cfg)
     if missing:
-        raise ConfigError(f"{', '.join(missing)}: required but not set (the config says ???); pass it on the command "
-                          f"line, e.g. {missing[0]}=...")
+        raise ConfigError(f"{', '.join(missing)}: required but not set (the config says ???); "
+                          f"{making_hint(cfg, missing[0])}")
     _check(cfg, "trainer.max_steps", lambda v: _int(v) and (v > 0 or v == -1), "a positive integer (or -1)")
     _check(cfg, "trainer.devices", lambda v: v == "auto" or (_int(v) and v > 0) or isinstance(v, (list, str)),
            "a positive integer, a list of device ids or 'auto'")
@@ -89,6 +89,24 @@ def validate(cfg: DictConfig) -> None:
     validate_combinations(cfg)
 
 
+def making_hint(cfg: DictConfig, key: str) -> str:
+    """How to make what `key` must point at, from the digits world (the command names the next step)."""
+    kind = _get(cfg, "data.kind") or "image"
+    if key == "method.teacher":
+        return ("this experiment learns from a trained teacher: train one with `foundry-train run_name=teacher` (the "
+                "digits demo), then pass method.teacher=outputs/teacher/checkpoints/last.ckpt")
+    if key == "data.urls" and kind == "pair":
+        return ("it needs preference-pair shards: `python benchmarks/dpo_digits.py --base RUN --out DIR` makes "
+                "digits pairs from a base run, `foundry-shards pairs TABLE --out DIR` from your own table; then "
+                "data.urls=DIR/...tar")
+    if key == "data.urls" and kind == "coupling":
+        return ("it needs teacher couplings: `foundry-shards couplings TEACHER_RUN --out DIR` writes them; then "
+                "data.urls=DIR/...tar")
+    if key == "model.pretrained":
+        return "give a local diffusers folder or a run of ours: model.pretrained=outputs/<run>"
+    return f"pass it on the command line, e.g. {key}=..."
+
+
 def fit_short_run(cfg: DictConfig) -> str | None:
     """A run shorter than its warmup (`trainer.max_steps=10`, a smoke run of any experiment) gets a warmup of a tenth
     of its steps instead of a refusal; returns the one line saying so (None when nothing changed). The changed value
@@ -112,6 +130,9 @@ def validate_combinations(cfg: DictConfig) -> None:
         raise ConfigError(f"model.train_text_encoder=true with adapter.kind={adapter}: the adapter run freezes the "
                           "base; use adapter.text_encoder=true (an adapter on the text encoder) or adapter=none")
     method, kind = _target(cfg, "method"), _get(cfg, "data.kind") or "image"
+    if kind in ("pair", "coupling") and _get(cfg, "data.urls") is None and not _get(cfg, "data.mixture"):
+        raise ConfigError(f"data.urls: required but not set (data.kind={kind}; the built-in digits are plain "
+                          f"images); {making_hint(cfg, 'data.urls')}")
     pairs_method = method.endswith(".DiffusionDPO")
     if pairs_method and kind != "pair":
         raise ConfigError(f"method=dpo needs preference pairs but data.kind={kind}; use data=preference "
