@@ -31,4 +31,4 @@ def test_list_shows_experiments_methods_and_presets():
     res = subprocess.run(cli("list"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert re.search(r"^  dmd2 +DMD2", res.stdout, re.M) and "experiment=" in res.stdout
-    assert "strategy=" in res.stdout and "model presets (model.preset=):" in res.stdout and "micro" in res.stdout
+    assert "strategy=" in res.stdout and "model.preset= (UNet): " in res.stdout and "flux_micro" in res.stdout

@@ -29,12 +29,20 @@ def listing(conf_dir: str | Path, width: int = 118) -> str:
         for f in files:
             line = f"  {f.stem:<{pad}}{first_comment(f)}"
             out.append(line if len(line) <= width else line[: width - 3] + "...")
-    out.append("model presets (model.preset=): " + ", ".join(model_presets()))
+    for kind, names in model_presets().items():
+        out.append(f"model.preset= ({kind}): " + ", ".join(names))
     out.append("Use: foundry-train experiment=NAME [group=NAME ...] [key=value ...]; see README 'Using it for real'.")
     return "\n".join(out)
 
 
-def model_presets() -> list[str]:
-    from models.tiny import PRESETS  # lazy: `list` should not load torch unless it must
+def model_presets() -> dict[str, list[str]]:
+    """Size presets by kind: the UNets, the transformers (DiT / MMDiT) and each family's."""
+    import importlib
 
-    return sorted(PRESETS)
+    from models.backbones import TRANSFORMER_PRESETS as TRANSFORMERS  # lazy: `list` loads torch only here
+    from models.tiny import PRESETS as UNETS
+
+    out = {"UNet": sorted(UNETS), "DiT/MMDiT": sorted(TRANSFORMERS)}
+    for family in ("flux", "flux2", "sd3", "qwen_image", "zimage"):
+        out[family] = sorted(importlib.import_module(f"models.families.{family}").PRESETS)
+    return out
