@@ -4,21 +4,18 @@ loss every N steps, logged as `eval/*` and written to the run's `eval/prompts_st
 The reward models are built once, outside the sharded engine, and run on the module's device."""
 from __future__ import annotations
 
-import json
 import logging
 
-import torch
-
-from callbacks.ema import inference_weights, samples_here
-from callbacks.periodic import EveryNSteps
-from callbacks.sample_images import run_dir
+from callbacks.evaluation import Evaluation
 from models.export import make_pipeline
 from train.prompt_eval import ImageFeatures, evaluate_prompts, heldout_loss, read_prompts, real_images
 
 log = logging.getLogger(__name__)
 
 
-class PromptEval(EveryNSteps):
+class PromptEval(Evaluation):
+    file_prefix, logged_prefix = "prompts", "eval/"
+
     def __init__(self, prompts: str = "digits", every_n_steps: int = 0, guidance_scales=(1.0, 3.0),
                  num_inference_steps: int = 25, per_prompt: int = 4, seed: int = 1234, rewards=(),
                  real: str | None = None, features: str | None = None, real_max: int = 2000,
@@ -35,32 +32,12 @@ class PromptEval(EveryNSteps):
         self.use_ema, self.sampler = use_ema, sampler
         self.last_metrics: dict[str, float] = {}
 
-    def run(self, trainer, module):
-        return self.evaluate(trainer, module)
-
-    @torch.no_grad()
-    def evaluate(self, trainer, module) -> dict[str, float]:
-        self._last = trainer.global_step
-        if not samples_here(trainer):
-            return {}
+    def measure(self, trainer, module) -> dict[str, float]:
         tokenizer = module.components.tokenizer
         real = (lambda size: real_images(self.real_spec, size, self.max_real, tokenizer)) if self.real_spec else None
-        with inference_weights(trainer, module, self.use_ema):
-            metrics = evaluate_prompts(make_pipeline(module.components, self.sampler), self.prompts,
-                                       self.guidance_scales, self.steps, self.per_prompt, self.seed, self.rewards,
-                                       real, self.features)
-            if self.heldout:
-                metrics.update({f"eval/{k}": v for k, v in heldout_loss(
-                    module, self.heldout, int(trainer.datamodule.resolution), self.timesteps,
-                    self.heldout_batches).items()})
-        if not trainer.is_global_zero:
-            return {}
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=trainer.global_step)
-        path = run_dir(trainer) / "eval" / f"prompts_step_{trainer.global_step:06d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**metrics, "trainer/global_step": trainer.global_step}, indent=2))
-        log.info("prompt eval at step %d: %s -> %s", trainer.global_step,
-                 ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()), path)
-        self.last_metrics = metrics
+        metrics = evaluate_prompts(make_pipeline(module.components, self.sampler), self.prompts, self.guidance_scales,
+                                   self.steps, self.per_prompt, self.seed, self.rewards, real, self.features)
+        if self.heldout:
+            metrics.update({f"eval/{k}": v for k, v in heldout_loss(
+                module, self.heldout, int(trainer.datamodule.resolution), self.timesteps, self.heldout_batches).items()})
         return metrics
