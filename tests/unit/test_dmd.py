@@ -129,3 +129,24 @@ def test_a_student_that_is_not_its_teacher_or_ddp_without_unused_parameters_is_r
 
     with pytest.raises(ValueError, match=match):
         validate_combinations(tiny_cfg("experiment=dmd2", "method.teacher=/t", *overrides))
+
+
+def test_a_flow_dit_student_trains_both_phases_with_the_gan_head(tiny_cfg):
+    from models.tokens import tokenize
+
+    module = build_module(tiny_cfg("model=dit_tiny", "model.preset=dit_micro", "method=dmd2", "method.teacher=x",
+                                   "adapter=none", "method.fake_updates=1", "method.gan_weight=0.1"))
+    assert module.core.flow and module.method.timesteps == [1000.0]
+    prompts = ["a handwritten digit two", "a handwritten digit three"]
+    batch = {"input_ids": tokenize(module.components.tokenizer, prompts), "captions": prompts,
+             "pixels": torch.rand(2, 3, 16, 16) * 2 - 1}
+    for step in (0, 1):  # fake, then generator
+        module.zero_grad(set_to_none=True)
+        out = _loss_at(module, batch, step)
+        assert torch.isfinite(out["loss"]).all()
+        out["loss"].mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.trainable_parameters())
+    assert "gan_generator" in out and "distribution_matching" in out
+    with pytest.raises(ValueError, match="a flow student samples in one Euler step"):
+        build_module(tiny_cfg("model=dit_tiny", "model.preset=dit_micro", "method=dmd2", "method.teacher=x",
+                              "adapter=none", "method.student_steps=2"))
