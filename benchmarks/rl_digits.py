@@ -60,9 +60,9 @@ VARIANTS = {
     "grpo_full_shuffled": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "reward=digits_shuffled"],
     "grpo_full_jpeg": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "reward=digits_plus_incompressibility"],
     # Flow-GRPO-Fast's window: SDE and training on the first 5 of the 10 rollout steps (where a digit's identity is
-    # decided), KL 0.2 to the base
+    # decided), KL 0.15 to the base
     "grpo_window": ["experiment=grpo", "adapter=none", "optimizer.lr=1e-4", "method.sde_window=[0,5]",
-                    "trainer.accumulate_grad_batches=5", "method.kl_beta=0.2"],
+                    "trainer.accumulate_grad_batches=5", "method.kl_beta=0.15"],
 }
 
 
