@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 from data.digits import eval_prompt
+from data.transforms import ImageTransform
+from data.webdataset import build_stream
+from train.methods.denoise import denoising_loss
 from train.rewards import Reward, clip_pixels
 
 log = logging.getLogger(__name__)
@@ -120,9 +123,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, features: ImageFeatures) -> 
 
 def real_images(spec: str, resolution: int, limit: int, tokenizer=None) -> torch.Tensor:
     """Up to `limit` real images in [-1, 1] at `resolution`: from a folder of image files, or from shards."""
-    from PIL import Image
-
-    from data.transforms import ImageTransform
+    from PIL import Image  # lazy: PIL only for image folders
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -144,8 +145,6 @@ def real_images(spec: str, resolution: int, limit: int, tokenizer=None) -> torch
 
 def shard_batches(urls: str, tokenizer, resolution: int, batch_size: int):
     """Held-out shards in their stored order, once, no caption dropout, no flips: the same batches every call."""
-    from data.webdataset import build_stream
-
     return build_stream(urls, tokenizer=tokenizer, resolution=resolution, batch_size=batch_size, caption_dropout=0.0,
                         shuffle_buffer=0, resampled=False, seed=0, rank=0, world_size=1)
 
@@ -155,8 +154,6 @@ def heldout_loss(module, urls: str, resolution: int, timesteps: list[int], batch
                  seed: int = 0) -> dict[str, float]:
     """The module's own training loss (`denoising_loss`) on held-out shards at each of `timesteps`, the VAE draw and
     the noise seeded from `seed` and the batch index: `heldout_loss_t{t}` and their mean `heldout_loss`."""
-    from train.methods.denoise import denoising_loss
-
     sums, count = {t: 0.0 for t in timesteps}, 0
     for i, batch in enumerate(shard_batches(urls, module.components.tokenizer, resolution, batch_size)):
         if i >= batches:

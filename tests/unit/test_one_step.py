@@ -107,9 +107,14 @@ def test_vsd_trains_the_student_and_the_fake_score_only(tiny_cfg, tmp_path):
     module = build_module(tiny_cfg("experiment=vsd", f"method.teacher={teacher}", "method.fake_rank=2"))
     ids = module.components.tokenizer(["a handwritten digit two"] * 2, padding="max_length", max_length=12,
                                       return_tensors="pt").input_ids
-    module.noise_generator.manual_seed(0)
-    out = module.method.loss({"input_ids": ids}, module)
-    out["loss"].mean().backward()
-    grads = {n.split(".")[0] for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert grads == {"unet", "fake_score"}
+    method = module.method
+    for step, trained in ((0, {"fake_score"}), (method.k, {"unet"})):  # two time-scale rule: one network a step
+        module.zero_grad(set_to_none=True)
+        module.noise_generator.manual_seed(0)
+        method.phase = lambda _s, step=step: type(method).phase(method, step)
+        out = method.loss({"input_ids": ids}, module)
+        out["loss"].mean().backward()
+        grads = {n.split(".")[0] for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert grads == trained
+    del method.phase
     assert all("lora_" in n for n, p in module.fake_score.named_parameters() if p.requires_grad)

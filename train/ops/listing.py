@@ -40,7 +40,7 @@ def model_presets() -> dict[str, list[str]]:
     import importlib
 
     from models.backbones import TRANSFORMER_PRESETS as TRANSFORMERS  # lazy: `list` loads torch only here
-    from models.tiny import PRESETS as UNETS
+    from models.tiny import PRESETS as UNETS  # lazy: as above
 
     out = {"UNet": sorted(UNETS), "DiT/MMDiT": sorted(TRANSFORMERS)}
     for family in ("flux", "flux2", "sd3", "qwen_image", "zimage"):

@@ -60,12 +60,12 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     from train.ops.console import install  # lazy: before the libraries it quiets are imported
 
+    install()
     if sys.argv[1:] == ["list"]:  # experiments, models, methods, strategies... one line each, from conf/
-        from train.ops.listing import listing
+        from train.ops.listing import listing  # lazy: only for `foundry-train list`
 
         print(listing(CONF_DIR))
         return
-    install()
     register_resolvers()
     _main()
 
