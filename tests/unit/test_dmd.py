@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import cli, small
+from models.export import export_pipeline
+from models.tokens import tokenize
+from train.ops.validate import validate_combinations
 from train.build import build_module
 from train.methods.dmd import DMD2, distribution_matching
 
@@ -47,7 +50,6 @@ def test_each_phase_steps_only_its_own_networks(tiny_cfg, overrides):
         assert opt.param_groups[1]["lr"] == 3e-3 and opt.param_groups[0]["lr"] != 3e-3
     else:
         assert len(opt.param_groups) == 1
-    from models.tokens import tokenize
 
     prompts = ["a handwritten digit two", "a handwritten digit three"]
     batch = {"input_ids": tokenize(module.components.tokenizer, prompts), "captions": prompts,
@@ -107,7 +109,6 @@ def test_resume_in_the_middle_of_a_cycle_is_exact(tmp_path):
 def test_conditioning_timestep_starts_the_student_and_its_exported_sampler_there(tiny_cfg, tmp_path):
     from diffusers import LCMScheduler
 
-    from models.export import export_pipeline
 
     module = build_module(tiny_cfg("method=dmd2", "method.teacher=x", "adapter=none", "method.fake_updates=1",
                                    "method.conditioning_timestep=899", "method.student_steps=2"))
@@ -125,14 +126,12 @@ def test_conditioning_timestep_starts_the_student_and_its_exported_sampler_there
     (["strategy=ddp"], "strategy=ddp with method=dmd2/vsd: .* strategy.find_unused_parameters=true"),
 ])
 def test_a_student_that_is_not_its_teacher_or_ddp_without_unused_parameters_is_refused(tiny_cfg, overrides, match):
-    from train.ops.validate import validate_combinations
 
     with pytest.raises(ValueError, match=match):
         validate_combinations(tiny_cfg("experiment=dmd2", "method.teacher=/t", *overrides))
 
 
 def test_a_flow_dit_student_trains_both_phases_with_the_gan_head(tiny_cfg):
-    from models.tokens import tokenize
 
     module = build_module(tiny_cfg("model=dit_tiny", "model.preset=dit_micro", "method=dmd2", "method.teacher=x",
                                    "adapter=none", "method.fake_updates=1", "method.gan_weight=0.1"))

@@ -8,6 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from train.build import build_module
+from models.tokens import tokenize
 from train.methods.grpo import GRPO
 from train.rewards import Reward, per_prompt_advantages
 from train.sampling import flow_sde_step, sample_flow
@@ -73,7 +74,6 @@ def grpo_module(tiny_cfg, **kw):
 
 def test_rollout_and_a_training_unit_with_kl_zero_at_the_reference(tiny_cfg):
     module, method = grpo_module(tiny_cfg)
-    from models.tokens import tokenize
 
     prompts = ["a handwritten digit two", "a handwritten digit one"]
     batch = {"captions": prompts, "input_ids": tokenize(module.components.tokenizer, prompts)}
@@ -88,7 +88,6 @@ def test_rollout_and_a_training_unit_with_kl_zero_at_the_reference(tiny_cfg):
 
 
 def test_groups_that_do_not_fill_the_minibatches_evenly_train_every_trajectory(tiny_cfg):
-    from models.tokens import tokenize
 
     module, method = grpo_module(tiny_cfg, group_size=3, minibatch=4)  # 2 prompts x 3 = 6 trajectories: 4 + 2
     prompts = ["a handwritten digit two", "a handwritten digit three"]

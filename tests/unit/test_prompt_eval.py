@@ -3,12 +3,18 @@ denoising loss at fixed draws, the run's eval/ file for foundry-report, and one-
 from __future__ import annotations
 
 import json
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 from data.digits import digit_images, ensure_digits_shards
+from tests.conftest import cli, small
 from train.build import build_module
+from models.components import build_components
+from models.export import export_pipeline
+from train.ops.report import main as report
 from train.ops.evaluate import main as foundry_eval
 from train.prompt_eval import ImageFeatures, fid_kid, heldout_loss, read_prompts
 
@@ -44,7 +50,7 @@ def test_prompt_files_in_every_format_and_named_sets(tmp_path):
 def test_fid_and_kid_rank_a_near_copy_above_noise(clip_folder):
     feats = ImageFeatures(f"clip:{clip_folder}")
     images, _ = digit_images(16)
-    real = torch.stack([torch.from_numpy(__import__("numpy").asarray(im.convert("RGB"), dtype="float32"))
+    real = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype="float32"))
                         .permute(2, 0, 1) / 127.5 - 1 for im in images[:96]])
     g = torch.Generator().manual_seed(0)
     near = (real.roll(1, dims=-1) + 0.05 * torch.randn(real.shape, generator=g)).clamp(-1, 1)
@@ -69,8 +75,6 @@ def test_heldout_loss_uses_the_same_draws_every_call(tiny_cfg):
 
 
 def test_foundry_eval_on_prompts_writes_metrics_and_fails_in_one_line(tmp_path, clip_folder, capsys):
-    from models.components import build_components
-    from models.export import export_pipeline
 
     export = export_pipeline(build_components(preset="micro", resolution=16), tmp_path / "export")
     (tmp_path / "prompts.txt").write_text("a handwritten digit three\na handwritten digit seven\n")
@@ -96,10 +100,6 @@ def test_foundry_eval_on_prompts_writes_metrics_and_fails_in_one_line(tmp_path, 
 
 
 def test_prompt_eval_callback_logs_rewards_and_heldout_loss_and_report_shows_them(tmp_path):
-    import subprocess
-
-    from tests.conftest import cli, small
-    from train.ops.report import main as report
 
     res = subprocess.run(cli(*small(f"paths.output_dir={tmp_path}", "run_name=pe", "trainer.max_steps=2",
                                     "callbacks.digits_eval.enabled=false", "callbacks.prompt_eval.enabled=true",

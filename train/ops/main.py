@@ -10,6 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from train.ops.console import install
+from train.ops.listing import listing
 from train.ops.objective import check_trial_launch, objective_value
 from train.ops.resolvers import CONF_DIR, register_resolvers
 from train.ops.tracking import close_wandb, hydra_config, in_multirun
@@ -58,12 +60,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from train.ops.console import install  # lazy: before the libraries it quiets are imported
-
     install()
     if sys.argv[1:] == ["list"]:  # experiments, models, methods, strategies... one line each, from conf/
-        from train.ops.listing import listing  # lazy: only for `foundry-train list`
-
         print(listing(CONF_DIR))
         return
     register_resolvers()
