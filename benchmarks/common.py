@@ -10,12 +10,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from train.ops.console import install as quiet_console  # noqa: E402  (after the path: scripts run from a checkout)
+
+quiet_console()
+
+# `foundry-recipe NAME --smoke` sets this: every run of the chain takes a few steps of small batches and every
+# evaluation a few samples, to check that a chain runs end to end before spending its real hour (numbers meaningless).
+SMOKE = os.environ.get("FOUNDRY_RECIPE_SMOKE") == "1"
+SMOKE_OVERRIDES = ["trainer.max_steps=4", "data.batch_size=8", "data.shuffle_buffer=16", "data.num_workers=0",
+                   "checkpoint.every_n_steps=2", "callbacks.sample_images.every_n_steps=0",
+                   "callbacks.digits_eval.n_per_digit=1", "callbacks.digits_eval.guidance_scales=[2.0]",
+                   "callbacks.digits_eval.num_inference_steps=2"]
 
 
 def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) -> dict:
     """`foundry-train` through the real CLI; returns summary.json plus the wall-clock, fails loudly."""
     cmd = [sys.executable, "-m", "train.ops.main", f"paths.output_dir={out}", f"run_name={run_name}", "logger=wandb",
-           "trainer.enable_progress_bar=false", *overrides]
+           "trainer.enable_progress_bar=false", *overrides, *(SMOKE_OVERRIDES if SMOKE else [])]
     t0 = time.perf_counter()
     env = {**os.environ, "WANDB_MODE": "offline"}
     with open(log or out / f"{run_name}.log", "w") as f:
@@ -29,7 +40,7 @@ def train(out: Path, run_name: str, *overrides: str, log: Path | None = None) ->
     summary = json.loads((out / run_name / "summary.json").read_text())
     summary["wall_seconds"] = round(wall, 1)
     summary["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
-    summary["command"] = "foundry-train " + " ".join(overrides)
+    summary["command"] = " ".join(["foundry-train", *overrides])
     return summary
 
 
@@ -51,6 +62,8 @@ def digits_metrics(pipe, guidance_scales=(1.0, 2.0, 3.0, 4.0), n_per_digit: int 
                    steps: int = 25, seed: int = 1234) -> dict:
     from train.digits_eval import evaluate_digits
 
+    if SMOKE:
+        n_per_digit, steps, guidance_scales = 1, 2, tuple(guidance_scales)[:1]
     m = evaluate_digits(pipe, guidance_scales=guidance_scales, n_per_digit=n_per_digit, digits=tuple(digits),
                         steps=steps, seed=seed)
     return {k.removeprefix("val/"): round(v, 4) for k, v in m.items()}
