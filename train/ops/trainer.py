@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.progress_line import ProgressLine
+from callbacks.run_status import RunStatus
 from train.build import _kwargs, resolved_config
 from train.checkpoint import AtomicCheckpointIO
 from train.module import DiffusionModule
@@ -93,6 +94,7 @@ def build_plugins() -> list[Any]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     kwargs, callbacks = _kwargs(cfg.trainer), build_callbacks(cfg, run_dir)
+    callbacks.append(RunStatus(run_dir))  # RUN/status.json: state, step, ETA (foundry-ui, scripts)
     if not sys.stdout.isatty():  # a log file: a plain line every 30 s instead of a bar that shows only at the end
         kwargs["enable_progress_bar"] = False
         callbacks.append(ProgressLine())
