@@ -111,9 +111,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         known = {r["path"] for r in rows}
         for run_dir, job in active.items():  # queued runs have no folder of run files yet
             if run_dir not in known:
-                rows.insert(0, {"id": None, "name": Path(run_dir).name, "path": run_dir, "state": job["state"],
-                                "job": job["id"], "step": None, "max_steps": None, "progress": None,
-                                "metrics": {}, "last_grid": None, "updated_at": job["created"]})
+                rows.insert(0, runs.queued_row(Path(run_dir), job))
         return rows
 
     # -- runs ----------------------------------------------------------------------------------------------------------
@@ -124,6 +122,10 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     @app.get("/partials/runs", response_class=HTMLResponse)
     def runs_partial(request: Request):
         return templates.TemplateResponse(request, "_runs_table.html", {"rows": run_rows()})
+
+    @app.get("/partials/jobs", response_class=HTMLResponse)
+    def jobs_partial(request: Request):
+        return templates.TemplateResponse(request, "_jobs_table.html", {"jobs": queue.jobs(20)})
 
     @app.get("/api/runs")
     def api_runs():

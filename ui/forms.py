@@ -57,8 +57,10 @@ def parse_overrides(text: str) -> list[str]:
 
 
 def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The error as one line; Hydra's first lines (what, the fix, why) joined, its key dump left out."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))][:3]
+    return " ".join(lines)[:400] if lines else type(err).__name__
 
 
 @dataclass

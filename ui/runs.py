@@ -171,6 +171,14 @@ def summary_row(roots: Roots, run: Path) -> dict:
             "updated_at": status.get("updated_at") or _mtime(run)}
 
 
+def queued_row(run: Path, job: dict) -> dict:
+    """A run the queue has not started yet (no run files): the same keys as summary_row."""
+    return {"id": None, "name": run.name, "path": str(run), "state": job["state"], "job": job["id"],
+            "resumable": False, "step": None, "max_steps": None, "progress": None, "eta_seconds": None,
+            "samples_per_sec": None, "loss": None, "error": None, "metrics": {}, "last_grid": None,
+            "updated_at": job["created"]}
+
+
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -206,6 +214,8 @@ def config_diff(runs: list[Path]) -> list[dict]:
         if key.startswith(("paths.", "hydra.")) or key == "run_name":
             continue
         values = [f.get(key, "—") for f in flats]
+        if any(str(run) in v for run, v in zip(runs, values)):
+            continue  # a value naming the run's own folder (logger.save_dir, ...) differs by construction
         if len(set(values)) > 1:
             rows.append({"key": key, "values": values})
     return rows

@@ -133,6 +133,7 @@ def test_launch_queues_a_run_and_refuses_a_taken_name(ui):
     job = res.json()["job"]
     assert job["state"] == "queued" and job["steps"][0][-1] == "run_name=second"
     assert any(r["name"] == "second" and r["state"] == "queued" for r in ui.get("/api/runs").json())
+    assert ui.get("/").status_code == 200 and ui.get("/partials/runs").status_code == 200  # a queued row renders
     assert ui.post("/api/launch", data={"run_name": "first"}).status_code == 409
     assert ui.post("/api/launch", data={"experiment": "../../etc"}).status_code == 400
     assert ui.post("/api/launch", data={"output": "/tmp"}).status_code == 400  # only the served output folders
@@ -231,3 +232,10 @@ def test_the_queue_runs_a_real_run_and_survives_a_restart(tmp_path):
     again.recover()
     assert again.get(waiting["id"])["state"] == "interrupted" and again.get(job["id"])["state"] == "done"
     again.close()
+
+
+def test_a_queued_row_has_every_key_of_a_run_row(ui):
+    from ui.runs import queued_row, summary_row
+
+    row = summary_row(ui.app.state.roots, ui.outputs / "first")
+    assert set(queued_row(ui.outputs / "x", {"state": "queued", "id": 1, "created": 0.0})) == set(row) | {"job"}
