@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PINS ?= constraints/pins.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all bench gpu-check
+.PHONY: install browser demo ui test test-all bench gpu-check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(PINS)
@@ -27,10 +27,22 @@ $(VENV)/.installed: pyproject.toml $(PINS)
 demo: install
 	$(VENV)/bin/foundry-train
 
-test: install
+# Debian's Chromium for foundry-ui's browser test (tests/integration/test_ui_browser.py, Playwright drives it). Installed
+# where this runs as root with apt-get (CI, containers); elsewhere the test is skipped and this says so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	      >/dev/null && echo "browser: installed $$(chromium --version)") || echo "browser: apt-get failed; the browser test will be skipped"; \
+	  else echo "browser: no chromium (install Debian's chromium as root to run the browser test); it will be skipped"; fi; }
+
+ui: install
+	$(VENV)/bin/foundry-ui
+
+test: install browser
 	$(PY) -m pytest
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -m "not gpu"
 
 bench: install

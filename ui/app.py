@@ -233,7 +233,8 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
 
     @app.get("/new", response_class=HTMLResponse)
     def new_page(request: Request):
-        return page(request, "new.html", experiments=experiments(), outputs=[str(p) for p in roots.paths])
+        return page(request, "new.html", experiments=experiments(), outputs=[str(p) for p in roots.paths],
+                    slurm=slurm)
 
     def form_overrides(experiment: str, pretrained: str, preset: str, data_urls: str, max_steps: str,
                        batch_size: str, lr: str, extra: str) -> list[str]:
@@ -252,7 +253,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     async def checked_form(request: Request) -> tuple[forms.Checked, dict]:
         f = await request.form()
         fields = {k: str(f.get(k, "")) for k in ("experiment", "pretrained", "preset", "data_urls", "max_steps",
-                                                 "batch_size", "lr", "extra", "run_name", "output")}
+                                                 "batch_size", "lr", "extra", "run_name", "output", "launcher")}
         overrides = form_overrides(*(fields[k] for k in ("experiment", "pretrained", "preset", "data_urls",
                                                          "max_steps", "batch_size", "lr", "extra")))
         return forms.check_config(overrides), fields
@@ -273,7 +274,13 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         if (run_dir / "status.json").exists() or (run_dir / "summary.json").exists():
             raise Conflict(f"a run named '{name}' already exists in {output}; pick another name (or resume it)")
         argv = ["foundry-train", *checked.overrides, f"paths.output_dir={output}", f"run_name={name}"]
-        job = queue.submit("train", name, [argv], run_dir)
+        steps = [argv]
+        if fields["launcher"] == "slurm":  # the launcher renders the sbatch script, then the queue submits it
+            if not slurm:
+                raise forms.BadInput("launcher=slurm: start foundry-ui with --slurm to submit to SLURM")
+            steps = [[*argv[:-2], "launcher=slurm", "launcher.dry_run=true", *argv[-2:]],
+                     ["sbatch", str(run_dir / "launch.sbatch")]]
+        job = queue.submit("slurm" if len(steps) > 1 else "train", name, steps, run_dir)
         return reply(request, {"message": f"queued {name} (job {job['id']})", "job": job, "notes": checked.notes},
                      "_message.html")
 

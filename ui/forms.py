@@ -8,9 +8,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, UnidentifiedImageError
+
+from data.webdataset import expand_urls
+from train.ops.launch import memory_plan
+from train.ops.resolvers import compose_config
+from train.ops.validate import fit_short_run, validate
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_FILE_BYTES = 20 * 2**20
@@ -72,11 +78,6 @@ class Checked:
 
 def check_config(overrides: list[str]) -> Checked:
     """Compose and validate exactly as `foundry-train` does before any work; BadInput with its one line."""
-    from hydra.errors import HydraException  # lazy: Hydra's machinery loads with the first check
-
-    from train.ops.resolvers import compose_config
-    from train.ops.validate import fit_short_run, validate
-
     try:
         cfg = compose_config(overrides)
         notes = [n for n in [fit_short_run(cfg)] if n]
@@ -88,9 +89,6 @@ def check_config(overrides: list[str]) -> Checked:
 
 def plan_verdict(cfg) -> dict:
     """The memory planner on the composed config (foundry-plan's figure): fits or not, and its table."""
-    from data.webdataset import expand_urls
-    from train.ops.launch import memory_plan
-
     try:
         plan = memory_plan(cfg, expand_urls(cfg.data.urls) if cfg.data.get("urls") else None)
     except (ValueError, FileNotFoundError) as err:

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     for p in outputs:
         p.mkdir(parents=True, exist_ok=True)
 
-    import uvicorn  # lazy: `foundry-ui --help` and the refusal above stay instant
+    import uvicorn
 
-    from ui.app import create_app
+    from ui.app import create_app  # lazy: torch and the web stack load after the refusal above, which stays instant
 
     hosts = ["127.0.0.1", "localhost", args.host] + (["*"] if args.host in ("0.0.0.0", "::") else [])
     app = create_app(outputs, Path(args.data), token=token, slots=args.gpus, slurm=args.slurm, allowed_hosts=hosts)

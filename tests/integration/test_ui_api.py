@@ -239,3 +239,28 @@ def test_a_queued_row_has_every_key_of_a_run_row(ui):
 
     row = summary_row(ui.app.state.roots, ui.outputs / "first")
     assert set(queued_row(ui.outputs / "x", {"state": "queued", "id": 1, "created": 0.0})) == set(row) | {"job"}
+
+
+def test_slurm_jobs_render_the_launchers_script_then_sbatch_it(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho submitted \"$1\" > {tmp_path}/sbatch.txt\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    outputs = tmp_path / "o"
+    with TestClient(create_app([outputs], tmp_path / "d", start_worker=False)) as plain:
+        assert plain.post("/api/launch", data={"run_name": "s", "launcher": "slurm"}).status_code == 400
+    app = create_app([outputs], tmp_path / "d2", slurm=True, start_worker=False)
+    with TestClient(app) as c:
+        job = c.post("/api/launch", data={"run_name": "s", "launcher": "slurm", "extra": "model.preset=micro"}).json()
+        steps = job["job"]["steps"]
+        assert "launcher.dry_run=true" in steps[0] and steps[1] == ["sbatch", str(outputs.resolve() / "s" /
+                                                                                   "launch.sbatch")]
+        q = app.state.queue
+        deadline = time.time() + 200
+        while q.get(job["job"]["id"])["state"] in ("queued", "running") and time.time() < deadline:
+            q.tick()
+            time.sleep(0.5)
+        assert q.get(job["job"]["id"])["state"] == "done", Path(q.get(job["job"]["id"])["log"]).read_text()[-2000:]
+        assert (tmp_path / "sbatch.txt").read_text().startswith("submitted ")
+        assert (outputs / "s" / "launch.sbatch").is_file()

@@ -2,7 +2,8 @@
 and a project import inside a function states why (`# lazy: ...`, an optional or slow dependency).
 
 Layers, lowest first: models <- data <- train (the engine) <- callbacks <- train.ops (the operations: CLIs,
-launches, sweeps, tracking, reports). A module imports its own layer or lower ones only.
+launches, sweeps, tracking, reports) <- ui (foundry-ui, the web app over them). A module imports its own layer or
+lower ones only.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("models", "data", "train", "callbacks")
+PACKAGES = ("models", "data", "train", "callbacks", "ui")
 
 
 def layer(module: str) -> int:
     if module.startswith("train.ops"):
         return 4
-    return {"models": 0, "data": 1, "train": 2, "callbacks": 3}[module.split(".")[0]]
+    return {"models": 0, "data": 1, "train": 2, "callbacks": 3, "ui": 5}[module.split(".")[0]]
 
 
 def modules() -> dict[str, Path]:
