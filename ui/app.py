@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from train.ops.listing import first_comment
+from train.ops.listing import first_comment, model_presets
 from train.ops.resolvers import CONF_DIR
 from ui import forms, runs
 from ui.jobs import Conflict, JobQueue
@@ -202,14 +202,17 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
                                "job": job}, "_message.html")
 
     # -- compare -------------------------------------------------------------------------------------------------------
-    def compare_data(ids: list[str], metric: str) -> dict:
+    def compare_data(ids: list[str], metric: str, step: int | None = None) -> dict:
         if len(ids) < 2:
             raise forms.BadInput("compare needs two or more runs: /compare?id=RUN_A&id=RUN_B")
         paths = [runs.resolve_run(roots, i) for i in ids]
         details = [runs.detail(roots, p) for p in paths]
         steps = sorted(set.intersection(*[{s for s, _ in d["grids"]} for d in details]))
-        return {"runs": details, "metric": metric, "common_steps": steps, "diff": runs.config_diff(paths),
-                "figure": curves_figure(details, metric)}
+        if step is not None and step not in steps:
+            raise forms.BadInput(f"step {step} has no sample grid in every run; the steps they share: {steps}")
+        at = step if step is not None else (steps[-1] if steps else None)
+        return {"runs": details, "metric": metric, "common_steps": steps, "step": at,
+                "diff": runs.config_diff(paths), "figure": curves_figure(details, metric)}
 
     @app.get("/api/compare")
     def api_compare(request: Request):
@@ -223,7 +226,9 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         ids = request.query_params.getlist("id")
         if len(ids) < 2:
             return page(request, "compare_pick.html", rows=[r for r in run_rows() if r["id"]])
-        data = compare_data(ids, request.query_params.get("metric", "train/loss"))
+        step = request.query_params.get("step")
+        data = compare_data(ids, request.query_params.get("metric", "train/loss"),
+                            int(step) if step and step.isdigit() else None)
         names = sorted(set().union(*[d["curves"] for d in data["runs"]]))
         return page(request, "compare.html", **data, metric_names=names, ids=ids)
 
@@ -234,7 +239,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     @app.get("/new", response_class=HTMLResponse)
     def new_page(request: Request):
         return page(request, "new.html", experiments=experiments(), outputs=[str(p) for p in roots.paths],
-                    slurm=slurm)
+                    slurm=slurm, presets=model_presets())
 
     def form_overrides(experiment: str, pretrained: str, preset: str, data_urls: str, max_steps: str,
                        batch_size: str, lr: str, extra: str) -> list[str]:
@@ -320,8 +325,9 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         forms.check_config(overrides[:-1])  # the composer's verdict before any photo is written
         forms.save_uploads(ups, instance, captions=False, min_images=3, max_images=30)
         output = roots.paths[0]
-        job = queue.submit("wizard", name, [["foundry-train", *overrides, f"paths.output_dir={output}"]],
-                           output / name)
+        run_dir = output / name
+        job = queue.submit("wizard", name, [["foundry-train", *overrides, f"paths.output_dir={output}"],
+                                            ["foundry-export", str(run_dir), str(run_dir / "export")]], run_dir)
         return reply(request, {"message": f"{len(ups)} photos saved; training {name} (job {job['id']})",
                                "job": job, "run_id": roots.run_id(output / name)}, "_message.html")
 

@@ -167,6 +167,8 @@ def test_wizard_validates_photos_words_and_base(ui):
     argv = res.json()["job"]["steps"][0]
     assert "experiment=dreambooth_lora" in argv and "data.instance_prompt='a photo of sks digit'" in argv
     assert len(list((ui.data / "subjects").rglob("*.png"))) == 3
+    export = res.json()["job"]["steps"][1]  # then the LoRA (diffusers and kohya files) to download
+    assert export[0] == "foundry-export" and export[2].endswith("/export")
 
 
 def test_jobs_cancel_and_conflicts(ui):
@@ -185,6 +187,9 @@ def test_compare_needs_two_runs_and_shows_differences(ui):
     data = ui.get("/api/compare", params=[("id", "0/first"), ("id", "0/sweep/other")]).json()
     assert [d["key"] for d in data["diff"]] == ["trainer.max_steps"] and data["common_steps"]
     assert data["curves"]["0/first"]
+    two = [("id", "0/first"), ("id", "0/sweep/other")]
+    assert ui.get("/compare", params=[*two, ("step", str(data["common_steps"][0]))]).status_code == 200
+    assert ui.get("/compare", params=[*two, ("step", "12345")]).status_code == 400  # no grid there in both
     assert ui.get("/compare", params=[("id", "0/first"), ("id", "0/sweep/other")]).status_code == 200
 
 

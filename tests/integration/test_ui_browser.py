@@ -128,6 +128,8 @@ def test_wizard_run_compare_in_a_real_browser(server):
         page.click('tr.run-row[data-name^="subject-sks-digit"] a')
         expect(page.locator("#grid img")).to_be_visible()
         expect(page.locator("#log")).to_contain_text("foundry")
+        expect(page.get_by_role("link", name="export/lora_kohya.safetensors")).to_be_visible()  # the wizard exported
+        expect(page.get_by_role("link", name="export/pytorch_lora_weights.safetensors")).to_be_visible()
         page.screenshot(path=str(shots / "run.png"), full_page=True)
 
         # compare the base and the short run
