@@ -31,9 +31,11 @@ demo: install
 # where this runs as root with apt-get (CI, containers); elsewhere the test is skipped and this says so.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
-	      >/dev/null && echo "browser: installed $$(chromium --version)") || echo "browser: apt-get failed; the browser test will be skipped"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null && echo "browser: installed $$(chromium --version)") \
+	      || echo "browser: apt-get failed; the browser test will be skipped"; \
 	  else echo "browser: no chromium (install Debian's chromium as root to run the browser test); it will be skipped"; fi; }
 
 ui: install

@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import plotly
-import plotly.graph_objects as go
-from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from train.ops.listing import first_comment, model_presets
 from train.ops.resolvers import CONF_DIR
-from ui import forms, runs
+from ui import forms, runs, views
 from ui.jobs import Conflict, JobQueue
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +51,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     app = FastAPI(title="foundry-ui", docs_url="/api/docs", redoc_url=None)
     app.state.roots, app.state.queue, app.state.data_dir = roots, queue, data_dir
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals.update(age=runs.age, clock=_clock)
+    templates.env.globals.update(age=runs.age, clock=views.clock)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     if start_worker:
@@ -94,7 +100,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
 
     def _error(request: Request, message: str, status: int):
         if request.headers.get("hx-request"):
-            return HTMLResponse(f'<div class="error" role="alert">{_esc(message)}</div>', status)
+            return HTMLResponse(f'<div class="error" role="alert">{views.esc(message)}</div>', status)
         return JSONResponse({"error": message}, status)
 
     def page(request: Request, name: str, **ctx) -> HTMLResponse:
@@ -138,11 +144,11 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     @app.get("/run", response_class=HTMLResponse)
     def run_page(request: Request, id: str):
         d = runs.detail(roots, runs.resolve_run(roots, id))
-        return page(request, "run.html", run=d, figure=curves_figure([d]), metric_names=sorted(d["curves"]))
+        return page(request, "run.html", run=d, figure=views.curves_figure([d]), metric_names=sorted(d["curves"]))
 
     @app.get("/api/run/log", response_class=HTMLResponse)
     def run_log(id: str, lines: int = 200):
-        return HTMLResponse(_esc(runs.log_tail(runs.resolve_run(roots, id), max(1, min(lines, 5000)))))
+        return HTMLResponse(views.esc(runs.log_tail(runs.resolve_run(roots, id), max(1, min(lines, 5000)))))
 
     @app.get("/partials/grid", response_class=HTMLResponse)
     def grid_partial(request: Request, id: str, i: int = -1):
@@ -158,13 +164,10 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         target = runs.inside(run, path)
         if not target.is_file():
             raise runs.NotFound(f"no file '{path}' in run '{id}'")
-        return FileResponse(target, filename=target.name if not target.suffix == ".png" else None)
+        return FileResponse(target, filename=target.name if target.suffix != ".png" else None)
 
     @app.post("/api/run/stop")
     def stop(request: Request, id: str):
-        import os
-        import signal
-
         run = runs.resolve_run(roots, id)
         status = runs.read_status(run)
         state = runs.run_state(run, status)
@@ -185,7 +188,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
                            "line with a larger trainer.max_steps)")
         if not runs.resumable(run):
             raise Conflict(f"run '{id}' has no checkpoint to resume from (checkpoints/last.ckpt)")
-        overrides = _overrides(run)
+        overrides = views.run_overrides(run)
         job = queue.submit("resume", f"resume {run.name}", [["foundry-train", *overrides]], run)
         return reply(request, {"message": f"queued: resume {run.name} (job {job['id']})", "job": job},
                      "_message.html")
@@ -212,7 +215,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
             raise forms.BadInput(f"step {step} has no sample grid in every run; the steps they share: {steps}")
         at = step if step is not None else (steps[-1] if steps else None)
         return {"runs": details, "metric": metric, "common_steps": steps, "step": at,
-                "diff": runs.config_diff(paths), "figure": curves_figure(details, metric)}
+                "diff": runs.config_diff(paths), "figure": views.curves_figure(details, metric)}
 
     @app.get("/api/compare")
     def api_compare(request: Request):
@@ -273,7 +276,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     @app.post("/api/launch")
     async def launch(request: Request):
         checked, fields = await checked_form(request)
-        output = _output_root(roots, fields["output"])
+        output = views.output_root(roots, fields["output"])
         name = forms.safe_name(fields["run_name"] or f"ui-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
         run_dir = output / name
         if (run_dir / "status.json").exists() or (run_dir / "summary.json").exists():
@@ -313,7 +316,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     async def wizard(request: Request, identifier: str = Form("sks"), class_word: str = Form(...),
                      base: str = Form(...), steps: int = Form(400), extra: str = Form(""),
                      photos: list[UploadFile] | None = None):
-        base_path = _base_model(roots, base)
+        base_path = views.base_model(roots, base)
         if not 1 <= steps <= 100_000:
             raise forms.BadInput(f"steps={steps}: give 1 to 100000 training steps")
         name = forms.safe_name(f"subject-{identifier}-{class_word}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
@@ -353,69 +356,3 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         return {"ok": True, "outputs": [str(p) for p in roots.paths]}
 
     return app
-
-
-def curves_figure(details: list[dict], metric: str | None = None) -> str:
-    """A Plotly figure (JSON) of one metric for several runs, or every train/val curve of one run."""
-    fig = go.Figure()
-    if metric:
-        for d in details:
-            pts = d["curves"].get(metric, [])
-            fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=d["name"])
-        fig.update_layout(title=metric)
-    else:
-        d = details[0]
-        for key in sorted(d["curves"]):
-            if key.startswith(("train/loss", "val/", "eval/")):
-                pts = d["curves"][key]
-                fig.add_scatter(x=[s for s, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=key,
-                                visible=True if key == "train/loss" else "legendonly")
-    fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=30), xaxis_title="step", template="plotly_white")
-    return fig.to_json()
-
-
-def _overrides(run: Path) -> list[str]:
-    """The overrides the run was launched with (Hydra's .hydra/overrides.yaml): launching them again resumes it."""
-    import yaml
-
-    path = run / ".hydra" / "overrides.yaml"
-    try:
-        overrides = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError):
-        raise Conflict(f"run '{run.name}' has no readable {path.relative_to(run)}; resume it from the command line "
-                       "with the same run_name") from None
-    keep = [o for o in overrides if isinstance(o, str) and not o.startswith(("paths.output_dir=", "run_name="))]
-    return [*keep, f"paths.output_dir={run.parent}", f"run_name={run.name}"]
-
-
-def _output_root(roots: runs.Roots, chosen: str) -> Path:
-    if not chosen:
-        return roots.paths[0]
-    for root in roots.paths:
-        if str(root) == chosen:
-            return root
-    raise forms.BadInput(f"output folder '{chosen}' is not one foundry-ui serves ({', '.join(map(str, roots.paths))})")
-
-
-def _base_model(roots: runs.Roots, base: str) -> Path:
-    """The wizard's base: a run id from the list, or a local diffusers folder."""
-    if base and base[0].isdigit() and "/" in base:
-        return runs.resolve_run(roots, base)
-    path = Path(base).expanduser()
-    if not (path / "model_index.json").is_file():
-        raise forms.BadInput(f"base model '{base}' is neither a finished run nor a diffusers folder with "
-                             "model_index.json; pick a run from the list or give a local folder")
-    return path.resolve()
-
-
-def _clock(seconds) -> str:
-    if seconds is None:
-        return ""
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _esc(text: str) -> str:
-    import html
-
-    return html.escape(text)

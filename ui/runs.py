@@ -32,7 +32,7 @@ class Roots:
     paths: tuple[Path, ...]
 
     @classmethod
-    def of(cls, paths) -> "Roots":
+    def of(cls, paths) -> Roots:
         return cls(tuple(Path(p).resolve() for p in paths))
 
     def run_id(self, run: Path) -> str:
