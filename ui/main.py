@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     for p in outputs:
         p.mkdir(parents=True, exist_ok=True)
 
+    # the web stack and the engine (torch) load only past the refusal above, which stays instant
     import uvicorn
 
-    from ui.app import (
-        create_app,  # lazy: torch and the web stack load after the refusal above, which stays instant
-    )
+    from ui.app import create_app  # lazy: see above
 
     hosts = ["127.0.0.1", "localhost", args.host] + (["*"] if args.host in ("0.0.0.0", "::") else [])
     app = create_app(outputs, Path(args.data), token=token, slots=args.gpus, slurm=args.slurm, allowed_hosts=hosts)
