@@ -123,7 +123,7 @@ def test_check_rejects_what_the_composer_rejects_and_plans_what_it_accepts(ui):
     needs = ui.post("/api/check", data={"experiment": "lcm"})  # a teacher is required: the CLI's making hint
     assert needs.status_code == 400 and "method.teacher" in needs.json()["error"]
     ok = ui.post("/api/check", data={"extra": "model.preset=micro", "max_steps": "10"}).json()
-    assert ok["ok"] and ok["plan"]["fits"] is True and any("warming up" in n for n in ok["notes"])
+    assert ok["ok"] and ok["plan"]["fits"] is True and any("warming up over 1 step" in n for n in ok["notes"])
     fragment = ui.post("/api/check", data={"extra": "trainer.max_steps=abc"}, headers={"HX-Request": "true"})
     assert fragment.status_code == 400 and 'class="error"' in fragment.text
 

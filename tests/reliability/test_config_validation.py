@@ -41,6 +41,7 @@ def test_a_run_shorter_than_its_warmup_warms_up_over_a_tenth_of_it():
     assert cfg.lr_scheduler.warmup_steps == 1 and "warming up over 1 step(s)" in note and "\n" not in note
     validate(cfg)
     assert fit_short_run(compose(["trainer.max_steps=200", "lr_scheduler.warmup_steps=100"])) is None
+    assert "no warmup instead" in fit_short_run(compose(["trainer.max_steps=4", "lr_scheduler.warmup_steps=100"]))
 
 
 @pytest.mark.parametrize("experiment, command", [

@@ -115,8 +115,9 @@ def fit_short_run(cfg: DictConfig) -> str | None:
     if not (_int(warmup) and _int(steps) and steps > 0 and warmup >= steps):
         return None
     cfg.lr_scheduler.warmup_steps = steps // 10
-    return (f"trainer.max_steps={steps} is shorter than lr_scheduler.warmup_steps={warmup}: warming up over "
-            f"{steps // 10} step(s) instead (a tenth of the run)")
+    instead = f"warming up over {steps // 10} step(s) instead (a tenth of the run)" if steps >= 10 else \
+        "no warmup instead (a tenth of the run is under one step)"
+    return f"trainer.max_steps={steps} is shorter than lr_scheduler.warmup_steps={warmup}: {instead}"
 
 
 def _target(cfg: DictConfig, key: str) -> str:
