@@ -13,7 +13,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -66,12 +68,16 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
     # -- guards ------------------------------------------------------------------------------------------------------
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if int(request.headers.get("content-length") or 0) > MAX_REQUEST_BYTES:
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit():
+            return JSONResponse({"error": "Content-Length must be a number of bytes"}, 400)
+        if int(length) > MAX_REQUEST_BYTES:
             return JSONResponse({"error": f"request larger than {MAX_REQUEST_BYTES // 2**20} MiB"}, 413)
         if request.method not in ("GET", "HEAD", "OPTIONS"):  # a page on another site cannot post here
             origin = request.headers.get("origin")
-            if origin and urlsplit(origin).netloc != request.headers.get("host"):
-                return JSONResponse({"error": f"cross-origin request from {origin} refused"}, 403)
+            if (origin and urlsplit(origin).netloc != request.headers.get("host")) or \
+                    request.headers.get("sec-fetch-site") == "cross-site":
+                return JSONResponse({"error": f"cross-origin request from {origin or 'another site'} refused"}, 403)
         if token:
             given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or \
                 request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -119,6 +125,18 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
             if run_dir not in known:
                 rows.insert(0, runs.queued_row(Path(run_dir), job))
         return rows
+
+    async def read_uploads(files: list[UploadFile] | None) -> list[forms.Upload]:
+        """Each file read to at most its limit + 1 byte (save_uploads names the one over it); the total bounded too."""
+        out, total = [], 0
+        for f in files or []:
+            data = await f.read(forms.MAX_FILE_BYTES + 1)
+            total += len(data)
+            if total > forms.MAX_REQUEST_FILE_BYTES:
+                raise forms.BadInput(f"uploads larger than {forms.MAX_REQUEST_FILE_BYTES // 2**20} MiB in one request; "
+                                     "upload in parts")
+            out.append(forms.Upload(f.filename or "", data))
+        return out
 
     # -- runs ----------------------------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
@@ -173,7 +191,10 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         state = runs.run_state(run, status)
         if state != "running":
             raise Conflict(f"run '{id}' is {state}, not running; only a running run can be stopped")
-        os.kill(int(status["pid"]), signal.SIGTERM)  # foundry-train saves a checkpoint, then exits (preempted)
+        pid, host = status.get("pid"), status.get("host")
+        if host != socket.gethostname() or not isinstance(pid, int) or pid <= 1:
+            raise Conflict(f"run '{id}' runs on {host or 'an unknown host'} (pid {pid}); stop it there")
+        os.kill(pid, signal.SIGTERM)  # foundry-train saves a checkpoint, then exits (preempted)
         return reply(request, {"message": f"stopping {run.name}: it saves a checkpoint, then exits; resume "
                                           "continues from it", "pid": status["pid"]}, "_message.html")
 
@@ -255,7 +276,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
                            ("trainer.max_steps", max_steps), ("data.batch_size", batch_size),
                            ("optimizer.lr", lr)):
             if value and value.strip():
-                out.append(f"{key}={value.strip()}")
+                out.append(forms.check_override(f"{key}={value.strip()}"))
         return out + forms.parse_overrides(extra)
 
     async def checked_form(request: Request) -> tuple[forms.Checked, dict]:
@@ -279,7 +300,8 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         output = views.output_root(roots, fields["output"])
         name = forms.safe_name(fields["run_name"] or f"ui-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
         run_dir = output / name
-        if (run_dir / "status.json").exists() or (run_dir / "summary.json").exists():
+        if (run_dir / "status.json").exists() or (run_dir / "summary.json").exists() or \
+                str(run_dir) in queue.active_run_dirs():
             raise Conflict(f"a run named '{name}' already exists in {output}; pick another name (or resume it)")
         argv = ["foundry-train", *checked.overrides, f"paths.output_dir={output}", f"run_name={name}"]
         steps = [argv]
@@ -298,7 +320,7 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         images = data_dir / "uploads" / folder
         if images.exists():
             raise Conflict(f"a data set named '{folder}' exists in {data_dir / 'uploads'}; pick another name")
-        ups = [forms.Upload(f.filename or "", await f.read(forms.MAX_FILE_BYTES + 1)) for f in (files or [])]
+        ups = await read_uploads(files)
         forms.save_uploads(ups, images, captions=True)
         shards = data_dir / "shards" / folder
         job = queue.submit("shards", f"shards {folder}", [["foundry-shards", "folder", str(images), "--out",
@@ -319,8 +341,9 @@ def create_app(outputs: list[Path], data_dir: Path, *, token: str | None = None,
         base_path = views.base_model(roots, base)
         if not 1 <= steps <= 100_000:
             raise forms.BadInput(f"steps={steps}: give 1 to 100000 training steps")
-        name = forms.safe_name(f"subject-{identifier}-{class_word}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
-        ups = [forms.Upload(f.filename or "", await f.read(forms.MAX_FILE_BYTES + 1)) for f in (photos or [])]
+        name = forms.safe_name(f"subject-{identifier}-{class_word}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                               f"{secrets.token_hex(2)}", "run name")
+        ups = await read_uploads(photos)
         instance = data_dir / "subjects" / name
         overrides = forms.wizard_command(base=str(base_path), instance_dir=instance, identifier=identifier,
                                          class_word=class_word, run_name=name, steps=steps,

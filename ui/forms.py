@@ -20,10 +20,15 @@ from train.ops.validate import fit_short_run, validate
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_FILE_BYTES = 20 * 2**20
-MAX_FILES = 2000
+MAX_FILES = 1000  # Starlette's own limit per request
+MAX_REQUEST_FILE_BYTES = 512 * 2**20
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.\-/\[\]]*=")
 # the app sets these itself; a browser never does (where runs land, Hydra's own settings, what a cluster job runs)
-RESERVED = ("paths.", "hydra.", "hydra/", "launcher.python", "run_name=")
+RESERVED = ("paths.", "hydra.", "hydra/", "launcher.python")
+# keys naming a folder or file a run writes (logger.save_dir, data.class_dir, data.shard_dir, offload paths ...);
+# the ones a run only reads stay settable
+WRITE_PATH = re.compile(r"(dir|dirpath|path|file|offload.*)$")
+READ_PATHS = {"model.pretrained", "method.teacher", "data.urls", "repa.encoder", "data.instance_dir"}
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 # The subject wizard's settings: the DreamBooth-LoRA row of the README's results, measured on the digits world
@@ -44,21 +49,37 @@ def safe_name(name: str, what: str = "name") -> str:
     return cleaned[:120]
 
 
+def check_override(line: str) -> str:
+    """One override a browser may set: an existing key (no +/~), no instantiation keys (`_target_`, `_args_`, ...),
+    no key the app sets itself, no folder the run would write to (outside its own), no interpolation or resolver
+    (`${...}`) and no `pipe:` stream (a shell command). Returns the line; BadInput says which rule it broke."""
+    if not OVERRIDE.match(line):
+        raise BadInput(f"override '{line}' is not key=value; write one Hydra override per line, e.g. "
+                       "trainer.max_steps=100")
+    key, _, value = line.partition("=")
+    if key.startswith(("+", "~")):
+        raise BadInput(f"override '{line}' adds or removes a config key; foundry-ui sets existing keys only (add keys "
+                       "from the command line)")
+    if key.startswith(RESERVED) or key == "run_name":
+        raise BadInput(f"override '{line}' is set by foundry-ui itself (run name, output folder, Hydra, launcher "
+                       "interpreter); use the form's fields")
+    if any(part.startswith("_") for part in re.split(r"[./]", key)):
+        raise BadInput(f"override '{line}' sets what a config instantiates; foundry-ui does not (use the command line)")
+    if WRITE_PATH.search(key.rsplit(".", 1)[-1]) and key not in READ_PATHS:
+        raise BadInput(f"override '{line}' points a run at a folder it writes; a run writes only inside its own folder "
+                       "when launched from foundry-ui")
+    if "${" in value or "pipe:" in value:
+        raise BadInput(f"override '{line}' holds an interpolation or a pipe: command; give a plain value")
+    return line
+
+
 def parse_overrides(text: str) -> list[str]:
-    """One Hydra override per line (key=value, +key=value, group=option); blank lines and # comments skipped."""
+    """One Hydra override per line (key=value or group=option); blank lines and # comments skipped; each checked."""
     out = []
     for raw in (text or "").splitlines():
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if not OVERRIDE.match(line):
-            raise BadInput(f"override '{line}' is not key=value; write one Hydra override per line, e.g. "
-                           "trainer.max_steps=100")
-        key = line.lstrip("+~")
-        if key.startswith(RESERVED):
-            raise BadInput(f"override '{line}' is set by foundry-ui itself (run name, output folder, Hydra, launcher "
-                           "interpreter); use the form's fields")
-        out.append(line)
+        if line and not line.startswith("#"):
+            out.append(check_override(line))
     return out
 
 
@@ -114,7 +135,7 @@ def check_image(upload: Upload) -> None:
     try:
         with Image.open(io.BytesIO(upload.data)) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise BadInput(f"upload '{upload.filename}' is not a readable image ({first_line(err)}); upload PNG, JPEG "
                        "or WebP files") from None
 

@@ -108,14 +108,15 @@ class JobQueue:
                                                      "run_dir IS NOT NULL")}
 
     def cancel(self, job_id: int) -> dict:
-        job = self.get(job_id)
-        if job["state"] == "queued":
-            self._set(job_id, state="cancelled", ended=time.time())
-        elif job["state"] == "running":
-            self.signal(job, signal.SIGTERM)  # foundry-train checkpoints on SIGTERM, then exits (preempted)
-        else:
-            raise Conflict(f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
-        return self.get(job_id)
+        with self._lock:  # the worker's tick holds it too: a job cannot start between the read and the write
+            job = self.get(job_id)
+            if job["state"] == "queued":
+                self._set(job_id, state="cancelled", ended=time.time())
+            elif job["state"] == "running":
+                self.signal(job, signal.SIGTERM)  # foundry-train checkpoints on SIGTERM, then exits (preempted)
+            else:
+                raise Conflict(f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
+            return self.get(job_id)
 
     def signal(self, job: dict, sig: int) -> None:
         if job.get("pid"):

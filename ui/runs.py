@@ -68,7 +68,8 @@ def discover(roots: Roots) -> list[Path]:
 
     def walk(folder: Path, depth: int) -> None:
         try:
-            children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+            children = [c for c in folder.iterdir()  # a symlinked folder may lead outside the roots: not followed
+                        if c.is_dir() and not c.is_symlink() and not c.name.startswith(".")]
         except OSError:
             return
         for child in children:
@@ -91,18 +92,18 @@ def _mtime(run: Path) -> float:
 
 
 def pid_alive(pid: int | None, host: str | None = None) -> bool:
-    if not pid:
-        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return False  # no pid, a malformed one, or one that names a process group (0, -1) or init
     if host and host != socket.gethostname():
         return True  # a run on another machine (a shared outputs folder): its status file is all there is
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
 

@@ -40,6 +40,12 @@ def run_overrides(run: Path) -> list[str]:
         raise Conflict(f"run '{run.name}' has no readable {path.relative_to(run)}; resume it from the command line "
                        "with the same run_name") from None
     keep = [o for o in overrides if isinstance(o, str) and not o.startswith(("paths.output_dir=", "run_name="))]
+    for o in keep:
+        try:
+            forms.check_override(o)
+        except forms.BadInput as err:
+            raise Conflict(f"run '{run.name}' was launched with an override foundry-ui does not replay ({err}); resume "
+                           "it from the command line with the same run_name") from None
     return [*keep, f"paths.output_dir={run.parent}", f"run_name={run.name}"]
 
 

