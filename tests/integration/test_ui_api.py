@@ -21,6 +21,7 @@ from tests.conftest import cli, small
 from ui.app import create_app
 from ui.jobs import JobQueue
 from ui.main import main as ui_main
+from ui.runs import queued_row, summary_row
 
 pytestmark = pytest.mark.integration
 
@@ -269,8 +270,6 @@ def test_the_queue_runs_a_real_run_and_survives_a_restart(tmp_path):
 
 
 def test_a_queued_row_has_every_key_of_a_run_row(ui):
-    from ui.runs import queued_row, summary_row
-
     row = summary_row(ui.app.state.roots, ui.outputs / "first")
     assert set(queued_row(ui.outputs / "x", {"state": "queued", "id": 1, "created": 0.0})) == set(row) | {"job"}
 
